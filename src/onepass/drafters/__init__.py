@@ -1,0 +1,37 @@
+"""Drafters: one module per method behind one protocol (drafters/base.py), chosen by
+`speculative_config["method"]`."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from onepass.drafters.base import DecodeState, Draft, Drafter
+
+__all__ = ["METHODS", "DecodeState", "Draft", "DraftContext", "Drafter", "build_drafter"]
+
+# method -> module under onepass.drafters defining `Options` and `build(options, context)`.
+METHODS: dict[str, str] = {"ngram": "ngram"}
+
+
+@dataclass
+class DraftContext:
+    """What a drafter may use besides the tokens: the target, its vocabulary, its costs."""
+
+    backend: Any
+    vocab_size: int
+    num_speculative_tokens: int | None
+    cost_model: Any = None
+
+
+def _module(method: str) -> Any:
+    return importlib.import_module(f"onepass.drafters.{METHODS[method]}")
+
+
+def options_class(method: str) -> type:
+    return _module(method).Options
+
+
+def build_drafter(method: str, options: Any, context: DraftContext) -> Drafter:
+    return _module(method).build(options, context)

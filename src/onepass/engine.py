@@ -1,0 +1,94 @@
+"""The one decoding loop: prefill, then propose -> score -> verify -> commit until the caller
+stops iterating. Plain decoding is the same loop with an empty draft (one row per forward).
+
+The token emitted last (recovered or bonus) is not yet in the KV cache: it is the root of the
+next forward, whose row 0 scores it together with the next draft (design.md §3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from onepass.drafters.base import DecodeState, Draft, Drafter
+from onepass.models.base import Backend
+from onepass.outputs import SpecDecodeStats
+from onepass.sampling import LogitsProcessor, SamplingParams
+from onepass.verify import verify
+
+
+class NoDrafter:
+    """Plain decoding: never proposes anything."""
+
+    def start(self, prompt_ids: Sequence[int]) -> None:
+        pass
+
+    def propose(self, state: DecodeState) -> Draft:
+        return Draft.empty()
+
+    def observe(self, draft, verdict, out) -> None:
+        pass
+
+
+def forward_rows(draft: Draft, root: int, start: int, device: torch.device):
+    """ids, positions [rows] and mask [rows, rows] (or None = causal) for root + draft (+ aux)."""
+    tree, n, m = draft.tree, len(draft), len(draft.aux_tokens)
+    ids = torch.tensor([root, *draft.tokens, *draft.aux_tokens], device=device)
+    offsets = [0, *tree.depths, *draft.aux_offsets]
+    positions = torch.tensor(offsets, device=device) + start
+    is_chain = all(p == i - 1 for i, p in enumerate(tree.parents))
+    if is_chain and m == 0:
+        return ids, positions, None
+    mask = torch.zeros(n + 1 + m, n + 1 + m, dtype=torch.bool)
+    mask[: n + 1, : n + 1] = tree.mask()
+    if m:
+        mask[n + 1 :] = draft.aux_mask
+    return ids, positions, mask.to(device)
+
+
+def decode(
+    backend: Backend,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    processor: LogitsProcessor,
+    drafter: Drafter,
+    stats: SpecDecodeStats,
+    generator: torch.Generator | None,
+    typical: tuple[float, float] | None = None,
+) -> Iterator[list[int]]:
+    """Yield the tokens of each step. Stops only when the KV cache is full: the caller applies
+    max_tokens, EOS and stop conditions and simply stops iterating."""
+    device = getattr(backend, "device", torch.device("cpu"))
+    tokens = list(prompt_ids)  # prompt + emitted; the last one is the root
+    drafter.start(tokens)
+    out = backend.prefill(torch.tensor(tokens, device=device))
+    first = processor.process(out.logits[-1:])
+    step = verify(Draft.empty(), first, processor, generator, typical).tokens
+    generated = 0
+    while True:
+        tokens.extend(step)
+        processor.observe(step)
+        generated += len(step)
+        yield step
+        root = step[-1]
+        room = backend.max_len - backend.cache_len - 1  # rows left after the root's
+        remaining = params.max_tokens - generated if params.max_tokens is not None else room + 1
+        if room < 0 or remaining <= 0:
+            return
+        state = DecodeState(tokens, len(prompt_ids), max_draft_tokens=room, max_depth=remaining - 1)
+        draft = drafter.propose(state).truncated(max_depth=state.max_depth, max_nodes=room)
+        ids, positions, mask = forward_rows(draft, root, backend.cache_len, device)
+        out = backend.forward(ids, positions, mask)
+        n = len(draft)
+        row_drafts = None
+        if params.has_penalties or params.min_tokens:
+            row_drafts = [[]] + [
+                [draft.tokens[a] for a in draft.tree.ancestors(i)] for i in range(n)
+            ]
+        logits = processor.process(out.logits[: n + 1], row_drafts)
+        verdict = verify(draft, logits, processor, generator, typical)
+        backend.commit(torch.tensor([0, *(i + 1 for i in verdict.path)]))
+        drafter.observe(draft, verdict, out)
+        stats.observe(draft, verdict)
+        step = verdict.tokens

@@ -1,0 +1,48 @@
+"""Static, preallocated KV cache (gpt-fast style) with tree-aware commit.
+
+A forward writes the K/V of its n new rows after the committed `length`; `commit(keep)` then
+moves the chosen rows (the accepted path of a draft tree) to directly follow the committed
+prefix and advances `length`. Rows that are not kept are simply overwritten later: rejecting a
+draft costs nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_layers, num_kv_heads, max_len, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)  # rows past length never read
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0  # committed rows
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store new rows k, v: [kv_heads, n, head_dim] after the committed prefix and return
+        the keys and values to attend over: [kv_heads, length + n, head_dim]."""
+        start, end = self.length, self.length + k.shape[1]
+        self.k[layer, :, start:end] = k
+        self.v[layer, :, start:end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+    def commit(self, keep: Tensor) -> None:
+        """keep: [m] ascending indices of the last forward's rows to retain, in order."""
+        m = keep.numel()
+        if m == 0:
+            return
+        start = self.length
+        if int(keep[-1]) != m - 1:  # not simply a prefix of the written rows: compact
+            src = keep.to(self.k.device) + start
+            self.k[:, :, start : start + m] = self.k[:, :, src]
+            self.v[:, :, start : start + m] = self.v[:, :, src]
+        self.length += m

@@ -1,0 +1,286 @@
+"""The facade users hold: `LLM(model, speculative_config=...)` with vLLM's generate / chat,
+plus a streaming iterator. It loads the target and its tokenizer, builds drafters, turns
+prompts into token ids (chat prompts through the tokenizer's chat template) and token ids into
+text, and applies stop conditions."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from onepass.config import SpeculativeConfig
+from onepass.drafters import DraftContext, Drafter, build_drafter
+from onepass.engine import NoDrafter, decode
+from onepass.models.llama import NativeDecoder
+from onepass.models.loading import load_model
+from onepass.outputs import CompletionOutput, RequestMetrics, RequestOutput, SpecDecodeStats
+from onepass.sampling import LogitsProcessor, SamplingParams
+from onepass.text import OutputAssembler
+
+Prompt = str | dict[str, Any]  # a string, or {"prompt_token_ids": [...]} as in vLLM
+Message = dict[str, str]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_request_ids = itertools.count()
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str = "default",
+        *,
+        speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None,
+        dtype: str = "float32",
+        device: str | None = None,
+        max_model_len: int | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        """model: "default" (SmolLM2-135M-Instruct, embedded), a .gguf file or a local Hugging
+        Face model directory. speculative_config: vLLM-style dict or JSON; None = plain
+        decoding. max_model_len: context window (prompt + output) to allocate the KV cache for."""
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        self.speculative_config = SpeculativeConfig.parse(speculative_config)
+        loaded = load_model(model, Path(cache_dir) if cache_dir else None)
+        self.model_name = loaded.name
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = max_model_len or min(loaded.config.max_position_embeddings, 8192)
+        if self.max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.backend = NativeDecoder(
+            loaded.config,
+            loaded.weights,
+            max_len=self.max_model_len,
+            dtype=_DTYPES[dtype],
+            device=self.device,
+        )
+        self.eos_token_ids = self._eos_token_ids()
+        self._drafters: dict[str, Drafter] = {}
+
+    # -- public API -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | None = None,
+        *,
+        speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None,
+    ) -> list[RequestOutput]:
+        """Complete each prompt (no chat template). speculative_config overrides the LLM's
+        for these requests."""
+        prompt_list = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
+        return [
+            self._run_to_end(
+                self._encode(p),
+                p if isinstance(p, str) else None,
+                sampling_params,
+                speculative_config,
+            )
+            for p in prompt_list
+        ]
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: SamplingParams | None = None,
+        *,
+        speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None,
+    ) -> list[RequestOutput]:
+        """Answer one conversation (a list of {"role", "content"} messages) or several,
+        through the tokenizer's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        outputs = []
+        for conversation in conversations:
+            ids = self.chat_token_ids(conversation)
+            outputs.append(self._run_to_end(ids, None, sampling_params, speculative_config))
+        return outputs
+
+    def stream(
+        self,
+        prompt: Prompt | Sequence[Message],
+        sampling_params: SamplingParams | None = None,
+        *,
+        speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None,
+    ) -> Iterator[RequestOutput]:
+        """Yield RequestOutputs whose CompletionOutput holds only the new text and token ids of
+        each step; the last one has finish_reason set and the full metrics. A list of chat
+        messages goes through the chat template."""
+        if isinstance(prompt, (str, dict)):
+            ids, text = self._encode(prompt), prompt if isinstance(prompt, str) else None
+        else:
+            ids, text = self.chat_token_ids(prompt), None
+        params = self._params(sampling_params)
+        if params.n != 1:
+            raise ValueError("stream() produces one completion: use n=1")
+        yield from self._stream(ids, text, params, self._spec(speculative_config))
+
+    def chat_token_ids(self, messages: Sequence[Message]) -> list[int]:
+        if not messages:
+            raise ValueError("messages is empty")
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError('each message needs "role" and "content"')
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.model_name} has no chat template; use generate()")
+        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return self._check_ids(list(ids))
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _eos_token_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        return sorted(ids)
+
+    def _params(self, params: SamplingParams | None) -> SamplingParams:
+        return params if params is not None else SamplingParams()
+
+    def _spec(self, override: Any) -> SpeculativeConfig | None:
+        return (
+            SpeculativeConfig.parse(override) if override is not None else self.speculative_config
+        )
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" not in prompt:
+                raise ValueError('a dict prompt needs "prompt_token_ids"')
+            return self._check_ids(list(prompt["prompt_token_ids"]))
+        if not isinstance(prompt, str):
+            raise ValueError(f"a prompt must be a string or a dict, got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        return self._check_ids(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; the context window is {self.max_model_len} "
+                "(raise max_model_len or shorten the prompt)"
+            )
+        return ids
+
+    def _drafter(self, spec: SpeculativeConfig | None) -> Drafter:
+        if spec is None:
+            return NoDrafter()
+        key = json.dumps(spec.as_dict(), sort_keys=True, default=str)
+        if key not in self._drafters:
+            context = DraftContext(
+                backend=self.backend,
+                vocab_size=self.model_config.vocab_size,
+                num_speculative_tokens=spec.num_speculative_tokens,
+            )
+            self._drafters[key] = build_drafter(spec.method, spec.method_options, context)
+        return self._drafters[key]
+
+    def _run_to_end(
+        self, ids: list[int], text: str | None, params: SamplingParams | None, spec_override: Any
+    ) -> RequestOutput:
+        params = self._params(params)
+        spec = self._spec(spec_override)
+        generator = self._generator(params)
+        outputs, metrics = [], None
+        for index in range(params.n):
+            *_, final = self._stream(ids, text, params, spec, generator, delta=False)
+            completion = final.outputs[0]
+            completion.index = index
+            outputs.append(completion)
+            if metrics is None:
+                metrics = final.metrics
+            else:
+                metrics.spec.merge(final.metrics.spec)
+                metrics.total_seconds += final.metrics.total_seconds
+        return RequestOutput(final.request_id, text, ids, outputs, True, metrics)
+
+    def _generator(self, params: SamplingParams) -> torch.Generator:
+        seed = params.seed if params.seed is not None else random.randrange(2**63)
+        return torch.Generator(device="cpu").manual_seed(seed)
+
+    def _stream(
+        self,
+        ids: list[int],
+        text: str | None,
+        params: SamplingParams,
+        spec: SpeculativeConfig | None,
+        generator: torch.Generator | None = None,
+        delta: bool = True,
+    ) -> Iterator[RequestOutput]:
+        request_id = str(next(_request_ids))
+        generator = generator or self._generator(params)
+        processor = LogitsProcessor(
+            params, ids, self.model_config.vocab_size, self.eos_token_ids, self.device
+        )
+        assembler = OutputAssembler(self.tokenizer, ids, params, self.eos_token_ids)
+        metrics = RequestMetrics(
+            prompt_tokens=len(ids),
+            method=spec.method if spec else "vanilla",
+            lossless=spec.lossless if spec else True,
+            spec=SpecDecodeStats(),
+        )
+        typical = spec.typical if spec else None
+        start = time.perf_counter()
+        steps = decode(
+            self.backend,
+            ids,
+            params,
+            processor,
+            self._drafter(spec),
+            metrics.spec,
+            generator,
+            typical,
+        )
+        sent_tokens = 0
+        for step in steps:
+            if not metrics.prefill_seconds:
+                metrics.prefill_seconds = time.perf_counter() - start
+            assembler.add(step)
+            if assembler.finished:
+                break
+            if delta:
+                new_ids = assembler.token_ids[sent_tokens:]
+                sent_tokens = len(assembler.token_ids)
+                yield self._output(request_id, text, ids, assembler.delta(), new_ids, None, metrics)
+        else:
+            assembler.finish_length()  # the context window is full
+        steps.close()
+        metrics.total_seconds = time.perf_counter() - start
+        if delta:
+            new_text, new_ids = assembler.delta(), assembler.token_ids[sent_tokens:]
+        else:
+            new_text, new_ids = assembler.text, assembler.token_ids
+        yield self._output(request_id, text, ids, new_text, new_ids, assembler, metrics)
+
+    @staticmethod
+    def _output(
+        request_id: str,
+        prompt: str | None,
+        prompt_ids: list[int],
+        text: str,
+        token_ids: list[int],
+        finished: OutputAssembler | None,
+        metrics: RequestMetrics,
+    ) -> RequestOutput:
+        completion = CompletionOutput(
+            index=0,
+            text=text,
+            token_ids=list(token_ids),
+            finish_reason=finished.finish_reason if finished else None,
+            stop_reason=finished.stop_reason if finished else None,
+        )
+        return RequestOutput(
+            request_id, prompt, prompt_ids, [completion], finished is not None, metrics
+        )

@@ -1,0 +1,196 @@
+"""Sampling parameters (vLLM / OpenAI names and defaults) and the logits -> probabilities
+pipeline shared by plain decoding, the verifiers and the drafters.
+
+Order of operations, as vLLM's V1 sampler: penalties (repetition, presence, frequency) and
+min_tokens on raw logits; then temperature, min_p, top_k, top_p. `temperature == 0` is greedy:
+the argmax of the penalised logits. Under sampling, speculative decoding promises exactly the
+distribution this module produces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    """Number of completions per prompt."""
+    temperature: float = 1.0
+    """0 means greedy decoding."""
+    top_p: float = 1.0
+    """Keep the smallest set of most likely tokens whose probability reaches top_p."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 or -1 disables."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one."""
+    seed: int | None = None
+    """Seed of this request's random generator; None draws one."""
+    max_tokens: int | None = 16
+    """Most tokens to generate; None = until the context window is full."""
+    min_tokens: int = 0
+    """EOS and stop_token_ids are blocked until this many tokens are generated."""
+    stop: str | list[str] | None = None
+    """Strings that end generation; not included in the output unless asked."""
+    stop_token_ids: list[int] | None = None
+    """Token ids that end generation, besides EOS."""
+    ignore_eos: bool = False
+    """Keep generating past EOS."""
+    repetition_penalty: float = 1.0
+    """>1 discourages tokens already in the prompt or output (divides positive logits)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logits of tokens that occur in the output."""
+    frequency_penalty: float = 0.0
+    """Subtracted from the logits of tokens once per occurrence in the output."""
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    logprobs: int | None = None
+    """Not supported: must stay None."""
+    stop_strings: list[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.n, int) or self.n < 1:
+            raise bad("n", "an integer >= 1")
+        if self.temperature < 0:
+            raise bad("temperature", ">= 0")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise bad("top_k", "-1, 0 (both disable) or a positive integer")
+        if not 0 <= self.min_p <= 1:
+            raise bad("min_p", "in [0, 1]")
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
+            raise bad("max_tokens", "an integer >= 1 or None")
+        if self.min_tokens < 0 or (
+            self.max_tokens is not None and self.min_tokens > self.max_tokens
+        ):
+            raise bad("min_tokens", "in [0, max_tokens]")
+        if self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "> 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise bad(name, "in [-2, 2]")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", "an integer or None")
+        if self.logprobs is not None:
+            raise ValueError("logprobs are not supported yet")
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise bad("stop", "a non-empty string or a list of them")
+        self.stop_strings = stops
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):
+            raise bad("stop_token_ids", "a list of token ids")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+class LogitsProcessor:
+    """Per-request state for penalties and min_tokens, plus the warping to probabilities.
+
+    Rows of a speculative forward extend the committed sequence by different draft tokens, so
+    `process` takes, for each row, the draft tokens that precede its prediction.
+    """
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_ids: Sequence[int],
+        vocab_size: int,
+        eos_token_ids: Sequence[int],
+        device: torch.device,
+    ) -> None:
+        self.params = params
+        self.vocab_size = vocab_size
+        self.num_generated = 0
+        stop_ids = set(params.stop_token_ids or [])
+        if not params.ignore_eos:
+            stop_ids |= set(eos_token_ids)
+        self.blocked_until_min = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+        self.output_counts = torch.zeros(vocab_size, device=device)  # [vocab]
+        self.in_prompt = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # [vocab]
+        if params.has_penalties:
+            ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=device)
+            self.in_prompt[ids[ids < vocab_size]] = True
+
+    def observe(self, tokens: Sequence[int]) -> None:
+        """Record emitted tokens."""
+        self.num_generated += len(tokens)
+        if self.params.has_penalties:
+            for t in tokens:
+                self.output_counts[t] += 1
+
+    def process(self, logits: Tensor, row_drafts: Sequence[Sequence[int]] | None = None) -> Tensor:
+        """logits: [rows, vocab]; row_drafts[r] = draft tokens between the committed output and
+        row r's prediction (None = no row extends it). Returns penalised logits [rows, vocab]."""
+        p = self.params
+        rows = logits.shape[0]
+        depths = [len(d) for d in row_drafts] if row_drafts is not None else [0] * rows
+        if p.min_tokens and self.num_generated < p.min_tokens and self.blocked_until_min.numel():
+            logits = logits.clone()
+            for r in range(rows):
+                if self.num_generated + depths[r] < p.min_tokens:
+                    logits[r, self.blocked_until_min] = float("-inf")
+        if not p.has_penalties:
+            return logits
+        counts = self.output_counts.expand(rows, -1).clone()  # [rows, vocab]
+        if row_drafts is not None:
+            for r, draft in enumerate(row_drafts):
+                for t in draft:
+                    counts[r, t] += 1
+        logits = logits.clone()
+        if p.repetition_penalty != 1.0:
+            seen = self.in_prompt | (counts > 0)
+            penalised = torch.where(
+                logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty
+            )
+            logits = torch.where(seen, penalised, logits)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        return logits
+
+    def probs(self, logits: Tensor) -> Tensor:
+        """Penalised logits [rows, vocab] -> sampling distribution [rows, vocab]."""
+        return warp(logits, self.params)
+
+
+def warp(logits: Tensor, params: SamplingParams) -> Tensor:
+    """temperature, min_p, top_k, top_p -> probabilities [rows, vocab] (sampling only)."""
+    logits = logits.float() / params.temperature
+    probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0:
+        threshold = params.min_p * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    if params.top_k > 0 and params.top_k < probs.shape[-1]:
+        kth = probs.topk(params.top_k, dim=-1).values[..., -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        total = sorted_probs.sum(-1, keepdim=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of strictly more likely tokens
+        drop_sorted = before >= params.top_p * total
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def sample(probs: Tensor, generator: torch.Generator | None) -> int:
+    """One token from probs: [vocab]."""
+    return int(torch.multinomial(probs, 1, generator=generator))

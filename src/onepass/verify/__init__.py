@@ -1,0 +1,44 @@
+"""Verifiers: chosen centrally from the sampling mode, never by the drafter.
+
+- greedy request -> exact match against the target's argmax (chains and trees);
+- sampling, a chain with draft_probs -> speculative (rejection) sampling;
+- sampling, a tree or a deterministic draft -> recursive multi-draft rejection sampling;
+- `acceptance="typical"` -> Medusa's typical acceptance, an opt-in that is NOT lossless.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from onepass.drafters.base import Draft
+from onepass.sampling import LogitsProcessor
+from onepass.verify.base import Verdict
+from onepass.verify.greedy import verify_greedy
+from onepass.verify.multi_draft import verify_tree
+from onepass.verify.rejection import verify_rejection
+from onepass.verify.typical import verify_typical
+
+__all__ = ["Verdict", "verify"]
+
+
+def verify(
+    draft: Draft,
+    logits: Tensor,
+    processor: LogitsProcessor,
+    generator: torch.Generator | None,
+    typical: tuple[float, float] | None = None,
+) -> Verdict:
+    """logits: [n + 1, vocab] penalised target logits (row 0 = root, row i + 1 = node i).
+    typical: (posterior_threshold, posterior_alpha) to use typical acceptance (lossy)."""
+    params = processor.params
+    if typical is not None:
+        probs = torch.softmax(logits.float(), -1) if params.greedy else processor.probs(logits)
+        return verify_typical(draft, probs, generator, *typical, greedy=params.greedy)
+    if params.greedy:
+        return verify_greedy(draft, logits)
+    target_probs = processor.probs(logits)
+    is_chain = all(p == i - 1 for i, p in enumerate(draft.tree.parents))
+    if draft.draft_probs is not None and is_chain and len(draft):
+        return verify_rejection(draft, target_probs, generator)
+    return verify_tree(draft, target_probs, generator)

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random-weight models for logic, the embedded default model for
+end-to-end tests (loaded once per session)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from onepass.models.config import ModelConfig
+from onepass.models.llama import NativeDecoder
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_config(architecture: str = "llama", **overrides) -> ModelConfig:
+    return ModelConfig(architecture=architecture, **{**TINY, **overrides})
+
+
+def hf_model(config: ModelConfig, seed: int = 0):
+    """A transformers model with random weights for `config` (the reference implementation)."""
+    import transformers
+
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }
+    config_cls, model_cls = classes[config.architecture]
+    torch.manual_seed(seed)
+    hf_config = config_cls(**config.to_hf(), attn_implementation="eager")
+    model = model_cls(hf_config).eval()
+    with torch.no_grad():  # random norms and biases too, so that folding them is tested
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+def tiny_pair(architecture: str = "llama", max_len: int = 128, seed: int = 0, **overrides):
+    """(native decoder, transformers model) sharing the same random weights."""
+    config = tiny_config(architecture, **overrides)
+    model = hf_model(config, seed)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return NativeDecoder(config, weights, max_len=max_len), model
+
+
+@pytest.fixture(scope="session")
+def llm():
+    from onepass import LLM
+
+    return LLM("default", max_model_len=4096)

@@ -1,0 +1,157 @@
+"""The native backend against transformers' own implementation, and its tree/commit contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_pair
+
+from onepass.tree import Tree
+
+ARCHS = [
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": True}),
+    (
+        "llama",
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            }
+        },
+    ),
+    ("qwen2", {"attention_bias": True}),
+    ("mistral", {"sliding_window": 12}),
+]
+
+
+def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids[None]).logits[0]
+
+
+@pytest.mark.parametrize(("arch", "overrides"), ARCHS)
+def test_prefill_and_decode_match_transformers(arch, overrides):
+    native, model = tiny_pair(arch, **overrides)
+    ids = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(1))
+    ref = reference_logits(model, ids)
+    out = native.prefill(ids[:30], chunk=7)  # several chunks: chunked prefill is exercised
+    torch.testing.assert_close(out.logits[0], ref[29], atol=1e-4, rtol=1e-4)
+    for i in range(30, 40):  # one token at a time, as plain decoding does
+        step = native.forward(ids[i : i + 1], torch.tensor([i]), None)
+        native.commit([0])
+        torch.testing.assert_close(step.logits[0], ref[i], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("arch", "overrides"), ARCHS)
+def test_multi_token_forward_matches_transformers(arch, overrides):
+    native, model = tiny_pair(arch, **overrides)
+    ids = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(2))
+    ref = reference_logits(model, ids)
+    native.prefill(ids[:20])
+    out = native.forward(ids[20:], torch.arange(20, 30), None)  # causal chain of 10
+    torch.testing.assert_close(out.logits, ref[20:], atol=1e-4, rtol=1e-4)
+
+
+def test_tree_forward_equals_each_branch_as_a_chain():
+    native, _ = tiny_pair("llama")
+    prompt = torch.randint(0, 97, (15,), generator=torch.Generator().manual_seed(3))
+    # root r; branches r-a-b-c, r-a-d, r-e-f
+    tree = Tree((-1, 0, 1, 0, -1, 4))
+    tokens = [11, 12, 13, 14, 15, 16]
+    root = 7
+    native.prefill(prompt)
+    start = native.cache_len
+    ids = torch.tensor([root, *tokens])
+    out = native.forward(ids, tree.positions(start), tree.mask())
+    for leaf in tree.leaves():
+        path = tree.ancestors(leaf)
+        native.prefill(prompt)
+        chain = torch.tensor([root, *(tokens[i] for i in path)])
+        ref = native.forward(chain, torch.arange(start, start + len(chain)), None)
+        rows = [0, *(i + 1 for i in path)]
+        torch.testing.assert_close(out.logits[rows], ref.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_commit_then_continue_equals_never_branching():
+    native, model = tiny_pair("mistral", sliding_window=10)  # window exercises key positions
+    prompt = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(4))
+    tree = Tree((-1, 0, -1, 2, 3))  # branch A: x y ; branch B: u v w
+    tokens = [21, 22, 23, 24, 25]
+    root = 9
+    native.prefill(prompt)
+    start = native.cache_len
+    native.forward(torch.tensor([root, *tokens]), tree.positions(start), tree.mask())
+    native.commit(torch.tensor([0, 3, 4, 5]))  # keep the root and branch B (rows 3, 4, 5)
+    nxt = native.forward(torch.tensor([30, 31]), torch.arange(start + 4, start + 6), None)
+    straight = torch.cat([prompt, torch.tensor([root, 23, 24, 25, 30, 31])])
+    ref = reference_logits(model, straight)
+    torch.testing.assert_close(nxt.logits, ref[-2:], atol=1e-4, rtol=1e-4)
+
+
+def test_forward_rejects_overflow_and_bad_commit():
+    native, _ = tiny_pair("llama", max_len=16)
+    native.prefill(torch.arange(10))
+    with pytest.raises(ValueError, match="full"):
+        native.forward(torch.arange(7), torch.arange(10, 17), None)
+    native.forward(torch.arange(2), torch.arange(10, 12), None)
+    with pytest.raises(ValueError, match="did not write"):
+        native.commit([0, 5])
+
+
+@pytest.mark.real_model
+def test_default_model_matches_transformers(llm):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from onepass.models.loading import load_model
+
+    loaded = load_model("default")
+    model = LlamaForCausalLM(LlamaConfig(**loaded.config.to_hf())).eval()
+    model.load_state_dict(loaded.weights, strict=False)
+    model.tie_weights()
+    ids = torch.tensor(llm.chat_token_ids([{"role": "user", "content": "Name three rivers."}]))
+    ref = reference_logits(model, ids)
+    native = llm.backend
+    out = native.prefill(ids[:-4])
+    torch.testing.assert_close(out.logits[0], ref[-5], atol=2e-3, rtol=1e-4)
+    step = native.forward(ids[-4:], torch.arange(len(ids) - 4, len(ids)), None)
+    torch.testing.assert_close(step.logits, ref[-4:], atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.real_model
+def test_gguf_weights_equal_transformers_gguf_loader():
+    """Our GGUF reader (dequantization and the q/k row un-permutation) gives exactly the
+    tensors transformers' own GGUF loader gives."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from onepass.models.loading import default_model_path, load_model
+
+    loaded = load_model("default")
+    shell = LlamaForCausalLM(LlamaConfig(**loaded.config.to_hf()))
+    theirs = load_gguf_checkpoint(str(default_model_path()), True, model_to_load=shell)["tensors"]
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.7.self_attn.k_proj.weight",
+        "model.layers.29.mlp.down_proj.weight",
+        "model.embed_tokens.weight",
+    ):
+        assert torch.equal(torch.as_tensor(theirs[name]).float(), loaded.weights[name]), name
+
+
+def test_packed_linear_rows_do_not_depend_on_batch():
+    """MKL packed GEMM: row i of a k-row product equals the 1-row product bit for bit (the
+    property that makes speculative scoring use plain decoding's arithmetic)."""
+    from onepass.models.llama import Linear, mkl_packing_available
+
+    if not mkl_packing_available(torch.device("cpu"), torch.float32):
+        pytest.skip("this torch build has no MKL: packed GEMM is not used, nothing to check")
+    w = torch.randn(300, 64)
+    lin = Linear(w, None, pack=True)
+    x = torch.randn(16, 64)
+    full = lin(x)
+    for i in range(16):
+        assert torch.equal(full[i], lin(x[i : i + 1])[0])

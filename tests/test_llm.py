@@ -1,0 +1,110 @@
+"""Plain decoding through the public API on the embedded default model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from onepass import SamplingParams
+
+pytestmark = pytest.mark.real_model
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+def test_greedy_equals_transformers_greedy(llm):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from onepass.models.loading import load_model
+
+    loaded = load_model("default")
+    model = LlamaForCausalLM(LlamaConfig(**loaded.config.to_hf())).eval()
+    model.load_state_dict(loaded.weights, strict=False)
+    model.tie_weights()
+    ids = llm.chat_token_ids([{"role": "user", "content": "List the planets."}])
+    with torch.no_grad():
+        ref = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=24,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        )
+    ours = llm.generate({"prompt_token_ids": ids}, GREEDY)[0].outputs[0].token_ids
+    assert ours == ref[0, len(ids) :].tolist()[: len(ours)]
+
+
+def test_generate_shapes_and_finish_reasons(llm):
+    outs = llm.generate(["The capital of France is", {"prompt_token_ids": [504, 3575]}], GREEDY)
+    assert len(outs) == 2
+    first = outs[0]
+    assert first.prompt == "The capital of France is" and first.finished
+    c = first.outputs[0]
+    assert c.finish_reason == "length" and len(c.token_ids) == 24 and c.text
+    assert outs[1].prompt is None and outs[1].prompt_token_ids == [504, 3575]
+    chat = llm.chat(
+        [{"role": "user", "content": "Say OK."}], SamplingParams(temperature=0, max_tokens=64)
+    )
+    assert chat[0].outputs[0].finish_reason == "stop"  # the model ends its turn with EOS
+    assert chat[0].outputs[0].token_ids[-1] in llm.eos_token_ids
+
+
+def test_stream_concatenates_to_generate(llm):
+    params = SamplingParams(temperature=0, max_tokens=40, stop=["\n\n"])
+    messages = [{"role": "user", "content": "Write two short paragraphs about tea."}]
+    whole = llm.chat(messages, params)[0].outputs[0]
+    chunks = list(llm.stream(messages, params))
+    assert "".join(c.outputs[0].text for c in chunks) == whole.text
+    assert [t for c in chunks for t in c.outputs[0].token_ids] == whole.token_ids
+    assert [c.finished for c in chunks][-1] and not any(c.finished for c in chunks[:-1])
+    assert chunks[-1].outputs[0].finish_reason == whole.finish_reason
+
+
+def test_sampling_is_reproducible_for_a_seed(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=20)
+    a = llm.generate("Once upon a time", params)[0].outputs[0].token_ids
+    b = llm.generate("Once upon a time", params)[0].outputs[0].token_ids
+    c = (
+        llm.generate(
+            "Once upon a time", SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=20)
+        )[0]
+        .outputs[0]
+        .token_ids
+    )
+    assert a == b and a != c
+
+
+def test_n_completions(llm):
+    out = llm.generate("Hi", SamplingParams(n=3, temperature=1.0, seed=0, max_tokens=5))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ("", "empty"),
+        ({"prompt_token_ids": []}, "empty"),
+        ({"prompt_token_ids": [10**9]}, "token ids"),
+        ({"tokens": [1]}, "prompt_token_ids"),
+        (42, "string or a dict"),
+    ],
+)
+def test_bad_prompts_raise_value_error(llm, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate(prompt, GREEDY)
+
+
+def test_prompt_longer_than_context_raises(llm):
+    with pytest.raises(ValueError, match="context window"):
+        llm.generate({"prompt_token_ids": [100] * 5000}, GREEDY)
+
+
+def test_context_full_finishes_with_length():
+    from onepass import LLM
+
+    small = LLM("default", max_model_len=40)
+    ids = small.chat_token_ids([{"role": "user", "content": "Count from one to one hundred."}])
+    out = small.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=None))
+    c = out[0].outputs[0]
+    assert c.finish_reason == "length"
+    assert len(ids) + len(c.token_ids) == 40 + 1  # the last token needs no KV row of its own
