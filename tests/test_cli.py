@@ -51,7 +51,7 @@ def test_generate_prints_text_and_summary():
     r = run("generate", "What is 2 + 2?", "--max-tokens", "12")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
-    assert "new tokens in" in r.stderr and "tokens/s" in r.stderr
+    assert "new tokens (prompt" in r.stderr and "tokens/s" in r.stderr
 
 
 @pytest.mark.real_model

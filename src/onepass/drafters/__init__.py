@@ -12,7 +12,13 @@ from onepass.drafters.base import DecodeState, Draft, Drafter
 __all__ = ["METHODS", "DecodeState", "Draft", "DraftContext", "Drafter", "build_drafter"]
 
 # method -> module under onepass.drafters defining `Options` and `build(options, context)`.
-METHODS: dict[str, str] = {"ngram": "ngram"}
+METHODS: dict[str, str] = {
+    "ngram": "ngram",
+    "lookahead": "lookahead",
+    "suffix": "suffix",
+    "recycling": "recycling",
+    "auto": "auto",
+}
 
 
 @dataclass
