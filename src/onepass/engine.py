@@ -14,7 +14,7 @@ import torch
 from onepass.drafters.base import DecodeState, Draft, Drafter
 from onepass.models.base import Backend
 from onepass.outputs import SpecDecodeStats
-from onepass.sampling import LogitsProcessor, SamplingParams
+from onepass.sampling import LogitsProcessor, RequestRandomness, SamplingParams
 from onepass.verify import verify
 
 
@@ -54,7 +54,7 @@ def decode(
     processor: LogitsProcessor,
     drafter: Drafter,
     stats: SpecDecodeStats,
-    generator: torch.Generator | None,
+    rng: RequestRandomness,
     typical: tuple[float, float] | None = None,
 ) -> Iterator[list[int]]:
     """Yield the tokens of each step. Stops only when the KV cache is full: the caller applies
@@ -64,7 +64,7 @@ def decode(
     drafter.start(tokens)
     out = backend.prefill(torch.tensor(tokens, device=device))
     first = processor.process(out.logits[-1:])
-    step = verify(Draft.empty(), first, processor, generator, typical).tokens
+    step = verify(Draft.empty(), first, processor, rng, typical).tokens
     generated = 0
     while True:
         tokens.extend(step)
@@ -87,7 +87,7 @@ def decode(
                 [draft.tokens[a] for a in draft.tree.ancestors(i)] for i in range(n)
             ]
         logits = processor.process(out.logits[: n + 1], row_drafts)
-        verdict = verify(draft, logits, processor, generator, typical)
+        verdict = verify(draft, logits, processor, rng, typical)
         backend.commit(torch.tensor([0, *(i + 1 for i in verdict.path)]))
         drafter.observe(draft, verdict, out)
         stats.observe(draft, verdict)

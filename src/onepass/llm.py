@@ -21,7 +21,7 @@ from onepass.engine import NoDrafter, decode
 from onepass.models.llama import NativeDecoder
 from onepass.models.loading import load_model
 from onepass.outputs import CompletionOutput, RequestMetrics, RequestOutput, SpecDecodeStats
-from onepass.sampling import LogitsProcessor, SamplingParams
+from onepass.sampling import LogitsProcessor, RequestRandomness, SamplingParams
 from onepass.text import OutputAssembler
 
 Prompt = str | dict[str, Any]  # a string, or {"prompt_token_ids": [...]} as in vLLM
@@ -183,6 +183,7 @@ class LLM:
                 backend=self.backend,
                 vocab_size=self.model_config.vocab_size,
                 num_speculative_tokens=spec.num_speculative_tokens,
+                tokenizer=self.tokenizer,
             )
             self._drafters[key] = build_drafter(spec.method, spec.method_options, context)
         return self._drafters[key]
@@ -192,10 +193,11 @@ class LLM:
     ) -> RequestOutput:
         params = self._params(params)
         spec = self._spec(spec_override)
-        generator = self._generator(params)
+        seed = self._seed(params)
         outputs, metrics = [], None
         for index in range(params.n):
-            *_, final = self._stream(ids, text, params, spec, generator, delta=False)
+            rng = RequestRandomness(hash((seed, index)) & (2**63 - 1) if index else seed)
+            *_, final = self._stream(ids, text, params, spec, rng, delta=False)
             completion = final.outputs[0]
             completion.index = index
             outputs.append(completion)
@@ -206,9 +208,9 @@ class LLM:
                 metrics.total_seconds += final.metrics.total_seconds
         return RequestOutput(final.request_id, text, ids, outputs, True, metrics)
 
-    def _generator(self, params: SamplingParams) -> torch.Generator:
-        seed = params.seed if params.seed is not None else random.randrange(2**63)
-        return torch.Generator(device="cpu").manual_seed(seed)
+    @staticmethod
+    def _seed(params: SamplingParams) -> int:
+        return params.seed if params.seed is not None else random.randrange(2**63)
 
     def _stream(
         self,
@@ -216,11 +218,11 @@ class LLM:
         text: str | None,
         params: SamplingParams,
         spec: SpeculativeConfig | None,
-        generator: torch.Generator | None = None,
+        rng: RequestRandomness | None = None,
         delta: bool = True,
     ) -> Iterator[RequestOutput]:
         request_id = str(next(_request_ids))
-        generator = generator or self._generator(params)
+        rng = rng or RequestRandomness(self._seed(params))
         processor = LogitsProcessor(
             params, ids, self.model_config.vocab_size, self.eos_token_ids, self.device
         )
@@ -240,7 +242,7 @@ class LLM:
             processor,
             self._drafter(spec),
             metrics.spec,
-            generator,
+            rng,
             typical,
         )
         sent_tokens = 0

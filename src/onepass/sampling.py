@@ -194,3 +194,24 @@ def warp(logits: Tensor, params: SamplingParams) -> Tensor:
 def sample(probs: Tensor, generator: torch.Generator | None) -> int:
     """One token from probs: [vocab]."""
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class RequestRandomness:
+    """A request's randomness, all derived from its seed.
+
+    `choose(probs, index)` samples the token at output index `index` by an exponential race,
+    argmax(probs / E) with E ~ Exp(1) drawn from a generator seeded by (seed, index): exactly a
+    draw from probs, and the same draw whichever drafter is used and however many tokens a step
+    accepts. So with deterministic drafts, speculative sampling emits the very tokens plain
+    sampling emits for the same seed. `generator` serves the rejection-sampling verifiers.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def choose(self, probs: Tensor, index: int) -> int:
+        """probs: [vocab] -> one token id for output position `index`."""
+        noise_gen = torch.Generator().manual_seed(hash((self.seed, index)) & (2**63 - 1))
+        noise = torch.empty(probs.shape[-1]).exponential_(generator=noise_gen)
+        return int(torch.argmax(probs.float().cpu() / noise))

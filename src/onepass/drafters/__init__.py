@@ -26,9 +26,14 @@ class DraftContext:
     """What a drafter may use besides the tokens: the target, its vocabulary, its costs."""
 
     backend: Any
+    """The target (Backend protocol); drafters must not change its KV cache."""
     vocab_size: int
     num_speculative_tokens: int | None
+    """The config's cap on draft tokens per step (None = the drafter's default)."""
+    tokenizer: Any = None
+    """The target's tokenizer (e.g. to tokenize a retrieval corpus)."""
     cost_model: Any = None
+    """Measured forward cost of scoring k rows (see onepass.cost), when available."""
 
 
 def _module(method: str) -> Any:

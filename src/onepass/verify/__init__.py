@@ -2,7 +2,9 @@
 
 - greedy request -> exact match against the target's argmax (chains and trees);
 - sampling, a chain with draft_probs -> speculative (rejection) sampling;
-- sampling, a tree or a deterministic draft -> recursive multi-draft rejection sampling;
+- sampling, a tree or a deterministic draft -> multi-draft verification (recursive rejection
+  for sampled drafts; for deterministic ones, the target's own position-keyed sample matched
+  against the children, which reproduces plain sampling token for token);
 - `acceptance="typical"` -> Medusa's typical acceptance, an opt-in that is NOT lossless.
 """
 
@@ -12,7 +14,7 @@ import torch
 from torch import Tensor
 
 from onepass.drafters.base import Draft
-from onepass.sampling import LogitsProcessor
+from onepass.sampling import LogitsProcessor, RequestRandomness
 from onepass.verify.base import Verdict
 from onepass.verify.greedy import verify_greedy
 from onepass.verify.multi_draft import verify_tree
@@ -26,7 +28,7 @@ def verify(
     draft: Draft,
     logits: Tensor,
     processor: LogitsProcessor,
-    generator: torch.Generator | None,
+    rng: RequestRandomness,
     typical: tuple[float, float] | None = None,
 ) -> Verdict:
     """logits: [n + 1, vocab] penalised target logits (row 0 = root, row i + 1 = node i).
@@ -34,11 +36,11 @@ def verify(
     params = processor.params
     if typical is not None:
         probs = torch.softmax(logits.float(), -1) if params.greedy else processor.probs(logits)
-        return verify_typical(draft, probs, generator, *typical, greedy=params.greedy)
+        return verify_typical(draft, probs, rng.generator, *typical, greedy=params.greedy)
     if params.greedy:
         return verify_greedy(draft, logits)
     target_probs = processor.probs(logits)
     is_chain = all(p == i - 1 for i, p in enumerate(draft.tree.parents))
     if draft.draft_probs is not None and is_chain and len(draft):
-        return verify_rejection(draft, target_probs, generator)
-    return verify_tree(draft, target_probs, generator)
+        return verify_rejection(draft, target_probs, rng.generator)
+    return verify_tree(draft, target_probs, rng, processor.num_generated)
