@@ -12,10 +12,11 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from onepass.drafters.base import DecodeState, Draft, Drafter
-from onepass.models.base import Backend
+from onepass.models.base import Backend, ModelOutput
 from onepass.outputs import SpecDecodeStats
 from onepass.sampling import LogitsProcessor, RequestRandomness, SamplingParams
 from onepass.verify import verify
+from onepass.verify.base import Verdict
 
 
 class NoDrafter:
@@ -27,7 +28,7 @@ class NoDrafter:
     def propose(self, state: DecodeState) -> Draft:
         return Draft.empty()
 
-    def observe(self, draft, verdict, out) -> None:
+    def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
         pass
 
 

@@ -10,16 +10,18 @@ import json
 import random
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from onepass.config import SpeculativeConfig
+from onepass.cost import CostModel, cached_cost_model
 from onepass.drafters import DraftContext, Drafter, build_drafter
 from onepass.engine import NoDrafter, decode
 from onepass.models.llama import NativeDecoder
-from onepass.models.loading import load_model
+from onepass.models.loading import default_cache_dir, load_model
 from onepass.outputs import CompletionOutput, RequestMetrics, RequestOutput, SpecDecodeStats
 from onepass.sampling import LogitsProcessor, RequestRandomness, SamplingParams
 from onepass.text import OutputAssembler
@@ -48,7 +50,8 @@ class LLM:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
         self.speculative_config = SpeculativeConfig.parse(speculative_config)
-        loaded = load_model(model, Path(cache_dir) if cache_dir else None)
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        loaded = load_model(model, self.cache_dir)
         self.model_name = loaded.name
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -65,6 +68,8 @@ class LLM:
         )
         self.eos_token_ids = self._eos_token_ids()
         self._drafters: dict[str, Drafter] = {}
+        self._model_key = f"{model}|{json.dumps(asdict(loaded.config), sort_keys=True)}"
+        self._cost_model: CostModel | None = None
 
     # -- public API -------------------------------------------------------------------------
 
@@ -122,6 +127,12 @@ class LLM:
         if params.n != 1:
             raise ValueError("stream() produces one completion: use n=1")
         yield from self._stream(ids, text, params, self._spec(speculative_config))
+
+    def cost_model(self) -> CostModel:
+        """The backend's measured cost curve t(k) (cached per model and machine)."""
+        if self._cost_model is None:
+            self._cost_model = cached_cost_model(self.backend, self._model_key, self.cache_dir)
+        return self._cost_model
 
     def chat_token_ids(self, messages: Sequence[Message]) -> list[int]:
         if not messages:
@@ -184,6 +195,7 @@ class LLM:
                 vocab_size=self.model_config.vocab_size,
                 num_speculative_tokens=spec.num_speculative_tokens,
                 tokenizer=self.tokenizer,
+                cost_model=self.cost_model,
             )
             self._drafters[key] = build_drafter(spec.method, spec.method_options, context)
         return self._drafters[key]

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from onepass.drafters.base import DecodeState, Draft
+from onepass.models.base import ModelOutput
+from onepass.verify.base import Verdict
 
 
 @dataclass
@@ -82,7 +84,7 @@ class NgramDrafter:
         o = self.options
         return Draft.chain(find_match(tokens, o.prompt_lookup_min, o.prompt_lookup_max, k).tolist())
 
-    def observe(self, draft, verdict, out) -> None:
+    def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
         pass
 
 

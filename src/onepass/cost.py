@@ -1,0 +1,89 @@
+"""The backend's cost curve t(k): seconds to score k new rows in one forward.
+
+Speculation pays only when the expected tokens per step grow faster than t(k). On a CPU t(k)
+is far from flat (design.md §6), so drafters are sized by it instead of by a fixed k. The curve
+is measured once per model and machine (a few seconds) and cached on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from bisect import bisect_left
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from onepass.models.base import Backend
+
+SIZES = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    sizes: tuple[int, ...]
+    seconds: tuple[float, ...]
+    """Median forward time for each size, measured over a short committed context."""
+
+    def __call__(self, rows: int) -> float:
+        """Interpolated (linearly; extrapolated past the largest size) seconds for `rows`."""
+        sizes, secs = self.sizes, self.seconds
+        if rows <= sizes[0]:
+            return secs[0]
+        i = bisect_left(sizes, rows)
+        if i == len(sizes):
+            i -= 1
+        k0, k1, t0, t1 = sizes[i - 1], sizes[i], secs[i - 1], secs[i]
+        return t0 + (t1 - t0) * (rows - k0) / (k1 - k0)
+
+    def relative(self, rows: int) -> float:
+        """t(rows) / t(1)."""
+        return self(rows) / self.seconds[0]
+
+    def as_dict(self) -> dict:
+        return {"sizes": list(self.sizes), "seconds": list(self.seconds)}
+
+
+def measure(
+    backend: Backend, sizes: tuple[int, ...] = SIZES, context: int = 256, reps: int = 5
+) -> CostModel:
+    """Time forwards of k rows (tree-shaped: a chain, as any mask costs the same) after a
+    `context`-token prefill. Clobbers the backend's KV cache: call between requests."""
+    device = getattr(backend, "device", torch.device("cpu"))
+    context = max(1, min(context, backend.max_len - max(sizes) - 1))
+    backend.prefill(torch.arange(context, device=device) % 1000 + 100)
+    for _ in range(2):  # warm-up: first calls pay for allocation and thread start
+        backend.forward(torch.full((1,), 5, device=device), torch.tensor([context]), None)
+    seconds = []
+    for k in sizes:
+        ids = torch.full((k,), 7, device=device)
+        positions = torch.arange(context, context + k, device=device)
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            backend.forward(ids, positions, None)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        seconds.append(sorted(times)[reps // 2])
+    return CostModel(tuple(sizes), tuple(seconds))
+
+
+def cached_cost_model(backend: Backend, key: str, cache_dir: Path) -> CostModel:
+    """The measured curve for this model + machine, from `cache_dir` or measured now."""
+    ident = f"{key}|{platform.processor() or platform.machine()}|{torch.__version__}"
+    ident += f"|{torch.get_num_threads()}|{getattr(backend, 'dtype', '')}"
+    path = cache_dir / "cost_curves.json"
+    curves = json.loads(path.read_text()) if path.exists() else {}
+    if ident in curves:
+        entry = curves[ident]
+        return CostModel(tuple(entry["sizes"]), tuple(entry["seconds"]))
+    model = measure(backend)
+    curves[ident] = model.as_dict()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(curves, indent=1))
+    tmp.replace(path)
+    return model
