@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -200,10 +201,12 @@ class RequestRandomness:
     """A request's randomness, all derived from its seed.
 
     `choose(probs, index)` samples the token at output index `index` by an exponential race,
-    argmax(probs / E) with E ~ Exp(1) drawn from a generator seeded by (seed, index): exactly a
-    draw from probs, and the same draw whichever drafter is used and however many tokens a step
-    accepts. So with deterministic drafts, speculative sampling emits the very tokens plain
-    sampling emits for the same seed. `generator` serves the rejection-sampling verifiers.
+    argmax(probs / E) with E ~ Exp(1) drawn from a counter-based generator (Philox) keyed by
+    the seed, with the index in the counter's high word so that streams never overlap: exactly a
+    draw from probs, independent across indices, and the same draw whichever drafter is used
+    and however many tokens a step accepts. So with deterministic drafts, speculative sampling
+    emits the very tokens plain sampling emits for the same seed. `generator` serves the
+    rejection-sampling verifiers.
     """
 
     def __init__(self, seed: int) -> None:
@@ -212,6 +215,6 @@ class RequestRandomness:
 
     def choose(self, probs: Tensor, index: int) -> int:
         """probs: [vocab] -> one token id for output position `index`."""
-        noise_gen = torch.Generator().manual_seed(hash((self.seed, index)) & (2**63 - 1))
-        noise = torch.empty(probs.shape[-1]).exponential_(generator=noise_gen)
-        return int(torch.argmax(probs.float().cpu() / noise))
+        bits = np.random.Philox(key=self.seed % 2**128, counter=index << 128)
+        noise = np.random.Generator(bits).standard_exponential(probs.shape[-1], dtype=np.float32)
+        return int(torch.argmax(probs.float().cpu() / torch.from_numpy(noise)))
