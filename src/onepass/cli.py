@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_speculative_args(chat)
     chat.set_defaults(func=cmd_chat)
 
+    from onepass.bench.cli import add_bench_parser
+
+    add_bench_parser(sub, add_model_args)
     return parser
 
 
