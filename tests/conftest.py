@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from onepass.models.config import ModelConfig
+from onepass.models.hf import transformers_model
 from onepass.models.llama import NativeDecoder
 
 TINY = dict(
@@ -30,17 +31,8 @@ def tiny_config(architecture: str = "llama", **overrides) -> ModelConfig:
 
 def hf_model(config: ModelConfig, seed: int = 0):
     """A transformers model with random weights for `config` (the reference implementation)."""
-    import transformers
-
-    classes = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }
-    config_cls, model_cls = classes[config.architecture]
     torch.manual_seed(seed)
-    hf_config = config_cls(**config.to_hf(), attn_implementation="eager")
-    model = model_cls(hf_config).eval()
+    model = transformers_model(config, attn_implementation="eager")
     with torch.no_grad():  # random norms and biases too, so that folding them is tested
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -56,6 +48,14 @@ def tiny_pair(architecture: str = "llama", max_len: int = 128, seed: int = 0, **
     model = hf_model(config, seed)
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return NativeDecoder(config, weights, max_len=max_len), model
+
+
+def default_reference():
+    """transformers' implementation holding the default model's weights."""
+    from onepass.models.loading import load_model
+
+    loaded = load_model("default")
+    return transformers_model(loaded.config, loaded.weights)
 
 
 @pytest.fixture(scope="session")

@@ -54,7 +54,7 @@ def test_cut_is_deep_when_rows_are_cheap_and_acceptance_high():
 def test_cut_is_empty_when_speculation_cannot_pay():
     steep = CostModel((1, 2, 32), (1.0, 2.0, 32.0))  # each row costs as much as a step
     stats = DepthStats(8, 0.9, 0.3)
-    cut, value = FakeAuto(steep)._best_cut(Draft.chain([1, 2, 3]), stats, state())
+    _, value = FakeAuto(steep)._best_cut(Draft.chain([1, 2, 3]), stats, state())
     assert value < 1.0  # below plain decoding's 1 token / t(1): the caller keeps plain
 
 

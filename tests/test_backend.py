@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_pair
+from conftest import default_reference, tiny_pair
 
 from onepass.tree import Tree
 
@@ -104,14 +104,7 @@ def test_forward_rejects_overflow_and_bad_commit():
 
 @pytest.mark.real_model
 def test_default_model_matches_transformers(llm):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from onepass.models.loading import load_model
-
-    loaded = load_model("default")
-    model = LlamaForCausalLM(LlamaConfig(**loaded.config.to_hf())).eval()
-    model.load_state_dict(loaded.weights, strict=False)
-    model.tie_weights()
+    model = default_reference()
     ids = torch.tensor(llm.chat_token_ids([{"role": "user", "content": "Name three rivers."}]))
     ref = reference_logits(model, ids)
     native = llm.backend

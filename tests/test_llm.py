@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import default_reference
 
 from onepass import SamplingParams
 
@@ -13,14 +14,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
 
 def test_greedy_equals_transformers_greedy(llm):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from onepass.models.loading import load_model
-
-    loaded = load_model("default")
-    model = LlamaForCausalLM(LlamaConfig(**loaded.config.to_hf())).eval()
-    model.load_state_dict(loaded.weights, strict=False)
-    model.tie_weights()
+    model = default_reference()
     ids = llm.chat_token_ids([{"role": "user", "content": "List the planets."}])
     with torch.no_grad():
         ref = model.generate(

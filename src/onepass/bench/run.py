@@ -296,27 +296,12 @@ class LlamaCppRunner:
 
 
 def hf_model(model: str, cache_dir: Path | None, dtype: Any, device: Any) -> Any:
-    """A transformers model holding onepass's weights for `model` (as tests/test_llm.py does)."""
-    import transformers
-
+    """A transformers model holding onepass's weights for `model`."""
+    from onepass.models.hf import transformers_model
     from onepass.models.loading import load_model
 
-    classes = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }
     loaded = load_model(model, cache_dir)
-    config_cls, model_cls = classes[loaded.config.architecture]
-    hf = model_cls(config_cls(**loaded.config.to_hf()))
-    result = hf.load_state_dict(loaded.weights, strict=False)
-    tied = {"lm_head.weight"} if loaded.config.tie_word_embeddings else set()
-    if result.unexpected_keys or set(result.missing_keys) - tied:
-        # Never benchmark a half-random model: say which names did not line up.
-        names = [*result.unexpected_keys, *result.missing_keys][:3]
-        raise BenchError(f"the hf peer could not load the weights (e.g. {', '.join(names)})")
-    hf.tie_weights()
-    return hf.to(dtype=dtype, device=device).eval()
+    return transformers_model(loaded.config, loaded.weights).to(dtype=dtype, device=device)
 
 
 def hf_runners(llm: Any, model: str, sampling: Sampling, dtype: Any) -> list[Runner]:

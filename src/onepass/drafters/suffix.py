@@ -1,0 +1,316 @@
+"""Suffix (retrieval) drafting: REST (He et al. 2023, "REST: Retrieval-Based Speculative
+Decoding"), SuffixDecoding (Oliaro et al. 2024; vLLM's / Arctic Inference's `suffix` method),
+SAMD (suffix-automaton drafting) and Alipay's trie-based Lookahead. No model, no weights: find
+where the current context occurred before, count what followed it, and propose a TREE of the
+most frequent continuations.
+
+Data structures, and why:
+* The request's tokens (prompt + output): a hashed n-gram index, n-gram (n <= max_match) ->
+  positions of the token that followed each earlier occurrence, oldest first. An n-gram is
+  indexed once the token after it is known, so an emitted token costs max_match dict appends
+  (no rebuild) and a suffix lookup is one dict probe. Unlike a suffix automaton (one end
+  position per state: SAMD drafts a single chain) it lists every earlier occurrence, which the
+  frequency tree needs. Memory is O(max_match) per token: fine for a few thousand tokens.
+* The optional corpus is static and may be large: REST's datastore, a suffix array, here over
+  the *reversed* token stream sorted on its first max_match tokens. The reversed current suffix
+  is then a prefix query; narrowing the range one token at a time (binary searches) yields the
+  occurrences of every suffix length in one O(max_match log N) pass.
+
+Match rule:
+1. n* = the longest n in [min_match, max_match] such that the last n tokens occurred earlier
+   (with a token after them) in the request or the corpus; none -> Draft.empty().
+2. Occurrences are gathered level by level from n = n* down: at each level the request's new
+   ones (most recent first), then the corpus's; at most max_occurrences in all. One found at
+   level n weighs backoff ** (n* - n), times corpus_weight if from the corpus. Going down a
+   level happens only while fewer than min_occurrences are gathered, so a long but rare match
+   is backed by shorter, more frequent ones and still dominates them.
+
+Tree rule:
+3. The continuations (up to D = min(budget, max_depth) tokens after each occurrence) are
+   counted, weighted, into a trie. One reaching the end of the request's text repeats the text
+   since the occurrence (the loop it is in; what a new lookup would propose once accepted); one
+   reaching the end of a corpus document stops there. A node's conditional probability is its
+   weight over its siblings' total (a continuation cut short is no evidence either way); its
+   score is the product along its path.
+4. Best-first selection: repeatedly take the highest-scoring frontier node (ties: shallower,
+   then the most recent occurrence) until the budget (num_speculative_tokens, else max_nodes =
+   12: forward cost is nearly flat up to ~12 rows) is used or the score falls below
+   min_probability. Scores never grow along a path, so parents come before children and
+   siblings appear in decreasing frequency.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onepass.drafters.base import DecodeState, Draft
+from onepass.models.base import ModelOutput
+from onepass.tree import Tree
+from onepass.verify.base import Verdict
+
+SEP = -1  # corpus document boundary: never matched, ends continuations
+PAD = -2  # past the end of the reversed corpus (sorts before every token)
+
+
+@dataclass
+class Options:
+    max_match: int = 12
+    """Longest suffix of the context looked up (tokens)."""
+    min_match: int = 1
+    """Shortest suffix worth drafting from."""
+    min_occurrences: int = 4
+    """Back off to shorter suffixes while fewer occurrences than this are gathered."""
+    max_occurrences: int = 32
+    """Most occurrences whose continuations are counted (most recent first)."""
+    backoff: float = 0.25
+    """Weight factor per token of match length an occurrence has less than the longest match."""
+    max_nodes: int = 12
+    """Draft tree size when the config gives no num_speculative_tokens."""
+    min_probability: float = 0.05
+    """Nodes whose estimated probability of being reached is lower are not proposed."""
+    corpus: str | None = None
+    """Optional .txt (one document) or .jsonl (string fields "text" and/or "turns") file."""
+    corpus_weight: float = 0.5
+    """Weight of a corpus occurrence relative to one in the request's own text."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_match <= self.max_match <= 64:
+            raise ValueError("need 1 <= min_match <= max_match <= 64")
+        if not 1 <= self.min_occurrences <= self.max_occurrences:
+            raise ValueError("need 1 <= min_occurrences <= max_occurrences")
+        if not 1 <= self.max_nodes <= 64:
+            raise ValueError("max_nodes must be in 1..64")
+        if not 0 < self.backoff <= 1 or not 0 < self.corpus_weight <= 1:
+            raise ValueError("backoff and corpus_weight must be in (0, 1]")
+        if not 0 <= self.min_probability < 1:
+            raise ValueError("min_probability must be in [0, 1)")
+        if self.corpus is not None:
+            path = Path(self.corpus)
+            if path.suffix not in (".txt", ".jsonl"):
+                raise ValueError(f"corpus must be a .txt or .jsonl file, got {self.corpus!r}")
+            if not path.is_file():
+                raise ValueError(f"corpus file not found: {self.corpus}")
+
+
+class RequestIndex:
+    """n-gram -> positions following its earlier occurrences, grown as tokens are emitted."""
+
+    def __init__(self, max_match: int) -> None:
+        self.max_match = max_match
+        self.tokens: list[int] = []
+        self.positions: dict[tuple[int, ...], list[int]] = {}
+
+    def sync(self, tokens: Sequence[int]) -> None:
+        """Catch up with `tokens`, which only grows within a request (else rebuild)."""
+        old = len(self.tokens)
+        if len(tokens) < old or (old and tokens[old - 1] != self.tokens[-1]):
+            self.__init__(self.max_match)
+            old = 0
+        self.tokens.extend(tokens[old:])
+        toks, m = self.tokens, self.max_match
+        for end in range(max(old, 1), len(toks)):  # n-grams ending at end - 1, followed by end
+            window = tuple(toks[max(0, end - m) : end])
+            for n in range(1, len(window) + 1):
+                self.positions.setdefault(window[-n:], []).append(end)
+
+    def continuation(self, p: int, depth: int) -> list[int]:
+        """`depth` tokens from position p, periodic past the end (see rule 3)."""
+        toks, period = self.tokens, len(self.tokens) - p
+        if period >= depth:
+            return toks[p : p + depth]
+        return [toks[p + i % period] for i in range(depth)]
+
+    def levels(self, max_n: int) -> list[list[int]]:
+        """levels[n - 1]: positions after earlier occurrences of the last n tokens, for n = 1..
+        the longest suffix found (the list stops at the first miss: shorter always match)."""
+        toks, out = self.tokens, []
+        for n in range(1, min(max_n, len(toks) - 1) + 1):
+            found = self.positions.get(tuple(toks[len(toks) - n :]))
+            if found is None:
+                break
+            out.append(found)
+        return out
+
+
+class CorpusIndex:
+    """Suffix array over the reversed corpus, sorted on its first max_match tokens."""
+
+    def __init__(self, documents: Sequence[Sequence[int]], max_match: int) -> None:
+        stream = [t for doc in documents if doc for t in (*doc, SEP)]
+        self.tokens = np.array(stream, dtype=np.int64)
+        n = len(stream)
+        self.rev = np.concatenate([self.tokens[::-1], np.full(max_match, PAD, dtype=np.int64)])
+        order = np.lexsort([self.rev[j : j + n] for j in reversed(range(max_match))])
+        # Keep suffixes of the reversed stream whose match would be followed by a token of the
+        # same document (rev[r - 1] is that token): others can never yield a continuation.
+        before = np.concatenate([[SEP], self.rev[: n - 1]])
+        self.sa = order[(self.rev[order] != SEP) & (before[order] != SEP)]
+
+    def levels(self, suffix_reversed: Sequence[int]) -> list[tuple[int, int]]:
+        """levels[n - 1]: the range of `sa` matching the last n tokens, for n = 1.. the longest."""
+        lo, hi, out = 0, len(self.sa), []
+        for j, t in enumerate(suffix_reversed):
+            key = partial(self._token_at, j)
+            lo, hi = (
+                bisect_left(self.sa, t, lo, hi, key=key),
+                bisect_right(self.sa, t, lo, hi, key=key),
+            )
+            if lo == hi:
+                break
+            out.append((lo, hi))
+        return out
+
+    def _token_at(self, j: int, r: int) -> int:
+        return int(self.rev[r + j])
+
+    def continuation(self, r: int, depth: int) -> list[int]:
+        start = len(self.tokens) - int(r)  # the match ends at original index N - 1 - r
+        cont = self.tokens[start : start + depth].tolist()
+        return cont[: cont.index(SEP)] if SEP in cont else cont
+
+
+def read_corpus(path: str) -> list[str]:
+    """The documents of a .txt (the whole file) or .jsonl ("text" and "turns" fields) corpus."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read corpus {path}: {e}") from None
+    if path.endswith(".txt"):
+        return [text]
+    docs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"corpus {path} line {number} is not valid JSON") from None
+        if isinstance(record, dict):
+            turns = record.get("turns")
+            docs += [record["text"]] if isinstance(record.get("text"), str) else []
+            docs += [t for t in turns if isinstance(t, str)] if isinstance(turns, list) else []
+    if not docs:
+        raise ValueError(f"corpus {path} has no string 'text' or 'turns' fields")
+    return docs
+
+
+class CountTrie:
+    """Continuations counted with weights; node 0 is the root (the current last token)."""
+
+    def __init__(self) -> None:
+        self.token, self.weight, self.total = [-1], [0.0], [0.0]
+        self.children: list[list[int]] = [[]]
+        self.index: dict[tuple[int, int], int] = {}
+
+    def add(self, continuation: Sequence[int], weight: float) -> None:
+        node = 0
+        for t in continuation:
+            child = self.index.get((node, t))
+            if child is None:
+                child = self.index[(node, t)] = len(self.token)
+                self.token.append(t)
+                self.weight.append(0.0)
+                self.total.append(0.0)
+                self.children.append([])
+                self.children[node].append(child)
+            self.weight[child] += weight
+            self.total[node] += weight
+            node = child
+
+    def best(self, budget: int, min_probability: float) -> Draft:
+        """The `budget` highest-scoring nodes, best-first (see the module docstring)."""
+        # (-score, depth, trie node, score, index of the parent in the draft): a min-heap.
+        frontier: list[tuple[float, int, int, float, int]] = []
+
+        def push(node: int, score: float, depth: int, out_index: int) -> None:
+            for c in self.children[node]:
+                s = score * self.weight[c] / self.total[node]
+                if s >= min_probability:
+                    heapq.heappush(frontier, (-s, depth + 1, c, s, out_index))
+
+        push(0, 1.0, 0, -1)
+        tokens: list[int] = []
+        parents: list[int] = []
+        while frontier and len(tokens) < budget:
+            _, depth, node, score, parent = heapq.heappop(frontier)
+            tokens.append(self.token[node])
+            parents.append(parent)
+            push(node, score, depth, len(tokens) - 1)
+        return Draft(tokens, Tree(tuple(parents)))
+
+
+class SuffixDrafter:
+    def __init__(self, options: Options, budget: int, corpus: CorpusIndex | None) -> None:
+        self.options = options
+        self.budget = budget
+        self.corpus = corpus
+        self.index = RequestIndex(options.max_match)
+
+    def start(self, prompt_ids: Sequence[int]) -> None:
+        self.index = RequestIndex(self.options.max_match)
+
+    def propose(self, state: DecodeState) -> Draft:
+        budget = min(self.budget, state.max_draft_tokens)
+        depth = min(budget, state.max_depth)
+        if depth <= 0:
+            return Draft.empty()
+        self.index.sync(state.tokens)
+        trie = CountTrie()
+        for continuation, weight in self.occurrences(depth):
+            trie.add(continuation, weight)
+        return trie.best(budget, self.options.min_probability)
+
+    def occurrences(self, depth: int) -> Iterator[tuple[list[int], float]]:
+        """(continuation, weight) of the gathered occurrences (rules 1-2 of the docstring)."""
+        o, toks, corpus = self.options, self.index.tokens, self.corpus
+        request = self.index.levels(o.max_match)
+        found = corpus.levels(toks[: -o.max_match - 1 : -1]) if corpus is not None else []
+        longest = max(len(request), len(found))
+        seen: set[tuple[bool, int]] = set()  # (from the corpus?, position)
+        for n in range(longest, o.min_match - 1, -1):
+            weight = o.backoff ** (longest - n)
+            # Enough candidates to fill the cap even if all the seen ones reappear.
+            want = o.max_occurrences + len(seen)
+            mine = request[n - 1] if n <= len(request) else []
+            level = [(False, p) for p in islice(reversed(mine), want)]
+            if n <= len(found):
+                lo, hi = found[n - 1]
+                level += [(True, r) for r in corpus.sa[lo : min(hi, lo + want)].tolist()]
+            for key in level:
+                if len(seen) >= o.max_occurrences:
+                    return
+                if key not in seen:
+                    seen.add(key)
+                    from_corpus, p = key
+                    if from_corpus:
+                        yield corpus.continuation(p, depth), weight * o.corpus_weight
+                    else:
+                        yield self.index.continuation(p, depth), weight
+            if len(seen) >= o.min_occurrences:
+                return
+
+    def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
+        pass
+
+
+def build(options: Options, context: Any) -> SuffixDrafter:
+    corpus = None
+    if options.corpus is not None:
+        if context.tokenizer is None:
+            raise ValueError("the suffix corpus needs a tokenizer to be tokenized")
+        docs = [
+            context.tokenizer.encode(d, add_special_tokens=False)
+            for d in read_corpus(options.corpus)
+        ]
+        corpus = CorpusIndex(docs, options.max_match)
+    return SuffixDrafter(options, context.num_speculative_tokens or options.max_nodes, corpus)
