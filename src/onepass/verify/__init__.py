@@ -39,8 +39,21 @@ def verify(
         return verify_typical(draft, probs, rng.generator, *typical, greedy=params.greedy)
     if params.greedy:
         return verify_greedy(draft, logits)
-    target_probs = processor.probs(logits)
     is_chain = all(p == i - 1 for i, p in enumerate(draft.tree.parents))
     if draft.draft_probs is not None and is_chain and len(draft):
-        return verify_rejection(draft, target_probs, rng.generator)
-    return verify_tree(draft, target_probs, rng, processor.num_generated)
+        return verify_rejection(draft, processor.probs(logits), rng.generator)
+    return verify_tree(draft, LazyRows(logits, processor), rng, processor.num_generated)
+
+
+class LazyRows:
+    """processor.probs(logits) row by row, computed when first indexed: a tree walk visits
+    only the rows on its accepted path, and warping (top-p sorts the vocabulary) is not free."""
+
+    def __init__(self, logits: Tensor, processor: LogitsProcessor) -> None:
+        self.logits, self.processor = logits, processor
+        self.rows: dict[int, Tensor] = {}
+
+    def __getitem__(self, row: int) -> Tensor:
+        if row not in self.rows:
+            self.rows[row] = self.processor.probs(self.logits[row : row + 1])[0]
+        return self.rows[row]
