@@ -79,6 +79,8 @@ def decode(
             return
         state = DecodeState(tokens, len(prompt_ids), max_draft_tokens=room, max_depth=remaining - 1)
         draft = drafter.propose(state).truncated(max_depth=state.max_depth, max_nodes=room)
+        if len(draft) + len(draft.aux_tokens) > room:
+            raise RuntimeError("a drafter proposed more rows than max_draft_tokens allows")
         ids, positions, mask = forward_rows(draft, root, backend.cache_len, device)
         out = backend.forward(ids, positions, mask)
         n = len(draft)

@@ -70,7 +70,7 @@ class DecodeState:
     """Prompt + generated tokens; the last one is the root (emitted, not yet in the KV cache)."""
     num_prompt_tokens: int
     max_draft_tokens: int
-    """Capacity left for draft nodes in the next forward (cache room, remaining budget)."""
+    """Rows left for draft nodes plus aux rows in the next forward (KV cache room)."""
     max_depth: int
     """Deepest useful node (tokens still allowed to be generated minus the root's successor)."""
 
