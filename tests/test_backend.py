@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import default_reference, tiny_pair
+from conftest import default_reference, hf_model, tiny_config, tiny_pair
 
+from onepass.models.llama import NativeDecoder
 from onepass.tree import Tree
 
 ARCHS = [
@@ -54,6 +55,22 @@ def test_multi_token_forward_matches_transformers(arch, overrides):
     native.prefill(ids[:20])
     out = native.forward(ids[20:], torch.arange(20, 30), None)  # causal chain of 10
     torch.testing.assert_close(out.logits, ref[20:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_tracks_fp32(dtype):
+    """Half precision takes the real-arithmetic rotary path (no complex bf16/fp16)."""
+    config = tiny_config("llama")
+    model = hf_model(config)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    half = NativeDecoder(config, weights, max_len=64, dtype=dtype)
+    assert half.cache.k_pairs is None
+    ids = torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(3))
+    ref = reference_logits(model, ids)
+    half.prefill(ids[:16])
+    out = half.forward(ids[16:], torch.arange(16, 24), None)
+    torch.testing.assert_close(out.logits.float(), ref[16:], atol=0.1, rtol=0.05)
+    assert (out.logits.float().argmax(-1) == ref[16:].argmax(-1)).float().mean() >= 0.75
 
 
 def test_tree_forward_equals_each_branch_as_a_chain():

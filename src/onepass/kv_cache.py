@@ -26,14 +26,13 @@ class KVCache:
         self.k = torch.empty(shape, dtype=dtype, device=device)  # rows past length never read
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0  # committed rows
-
-    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store new rows k, v: [kv_heads, n, head_dim] after the committed prefix and return
-        the keys and values to attend over: [kv_heads, length + n, head_dim]."""
-        start, end = self.length, self.length + k.shape[1]
-        self.k[layer, :, start:end] = k
-        self.v[layer, :, start:end] = v
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+        # Views the model writes and reads through (set up once: each view op costs time).
+        # Rotary embedding writes keys as complex pairs; half precision has no complex type.
+        complex_ok = dtype in (torch.float32, torch.float64)
+        pairs = self.k.view(*shape[:-1], head_dim // 2, 2)
+        self.k_pairs = torch.view_as_complex(pairs) if complex_ok else None
+        self.k4 = self.k.unsqueeze(1)  # [layers, 1, kv_heads, max_len, head_dim]
+        self.v4 = self.v.unsqueeze(1)
 
     def commit(self, keep: Tensor) -> None:
         """keep: [m] ascending indices of the last forward's rows to retain, in order."""

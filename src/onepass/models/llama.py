@@ -80,7 +80,8 @@ def interleave_rope_rows(w: Tensor, heads: int) -> Tensor:
 
 
 def apply_rope(x: Tensor, rotation: Tensor) -> Tensor:
-    """x: [n, heads, head_dim] (adjacent pairs); rotation: [n, 1, head_dim / 2] complex."""
+    """x: [n, heads, head_dim] (adjacent pairs); rotation: [n, 1, head_dim / 2] complex.
+    The path for dtypes without a complex counterpart (bf16, fp16): compute in fp32."""
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
@@ -214,22 +215,38 @@ class NativeDecoder:
         group = nh // nkv
         attn_mask = self._attention_mask(positions, mask)
         rotation = self.rotation[positions][:, None, :]  # [n, 1, hd / 2] complex
+        k_rotation = rotation.transpose(0, 1)  # [1, n, hd / 2]
         eps = cfg.rms_norm_eps
+        start, end = self.cache.length, self.cache.length + n
         x = self.embed[ids]  # [n, hidden]
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(normalize(x, eps))  # RMSNorm weight folded into qkv
-            qkv = qkv.view(n, nh + 2 * nkv, hd)
-            qk = apply_rope(qkv[:, : nh + nkv], rotation)  # [n, nh + nkv, hd]
-            keys, values = self.cache.write(
-                i, qk[:, nh:].transpose(0, 1), qkv[:, nh + nkv :].transpose(0, 1)
-            )  # [nkv, past + n, hd]
+            if self.cache.k_pairs is not None:
+                # Rotary embedding of k, written straight into the cache.
+                pairs = torch.view_as_complex(qkv.view(n, nh + 2 * nkv, hd // 2, 2))
+                torch.mul(
+                    pairs[:, nh : nh + nkv].transpose(0, 1),
+                    k_rotation,
+                    out=self.cache.k_pairs[i, :, start:end],
+                )
+                q = torch.view_as_real(pairs[:, :nh] * rotation)  # [n, nh, hd / 2, 2]
+            else:
+                qk = apply_rope(qkv.view(n, -1, hd)[:, : nh + nkv], rotation)
+                self.cache.k[i, :, start:end] = qk[:, nh:].transpose(0, 1)
+                q = qk[:, :nh]
+            self.cache.v[i, :, start:end] = qkv.view(n, -1, hd)[:, nh + nkv :].transpose(0, 1)
             # Grouped-query attention: each kv head serves `group` query heads x n tokens.
-            q = qk[:, :nh].reshape(n, nkv, group, hd).permute(1, 2, 0, 3)
+            if n > 1:
+                q = q.reshape(n, nkv, group, hd).permute(1, 2, 0, 3)
             a = F.scaled_dot_product_attention(
-                q.reshape(1, nkv, group * n, hd), keys[None], values[None], attn_mask=attn_mask
+                q.reshape(1, nkv, group * n, hd),
+                self.cache.k4[i, :, :, :end],
+                self.cache.v4[i, :, :, :end],
+                attn_mask=attn_mask,
             )  # [1, nkv, group * n, hd]
-            a = a.view(nkv, group, n, hd).permute(2, 0, 1, 3).reshape(n, nh * hd)
-            x = x + layer.o(a)
+            if n > 1:
+                a = a.view(nkv, group, n, hd).permute(2, 0, 1, 3)
+            x = x + layer.o(a.reshape(n, nh * hd))
             gate, up = layer.gate_up(normalize(x, eps)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         if last_only:
