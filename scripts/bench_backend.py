@@ -18,7 +18,8 @@ import time
 import torch
 
 from onepass import LLM, SamplingParams
-from onepass.bench.run import hf_model, load_questions
+from onepass.bench.questions import load_questions
+from onepass.bench.runners import hf_model
 from onepass.cost import measure
 
 

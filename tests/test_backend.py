@@ -165,3 +165,21 @@ def test_packed_linear_rows_do_not_depend_on_batch():
     full = lin(x)
     for i in range(16):
         assert torch.equal(full[i], lin(x[i : i + 1])[0])
+
+
+def test_scripted_layers_equal_eager_layers():
+    """The TorchScript layer stack is an execution mode, not other arithmetic: the eager
+    fallback gives bit-identical logits, on a tree forward too."""
+    from onepass.models.layer_stack import decoder_layers
+
+    scripted, _ = tiny_pair("qwen2", attention_bias=True)
+    assert isinstance(scripted.layer_stack, torch.jit.ScriptFunction)
+    eager, _ = tiny_pair("qwen2", attention_bias=True)
+    eager.layer_stack = decoder_layers
+    ids = torch.randint(0, 97, (21,), generator=torch.Generator().manual_seed(4))
+    tree = Tree((-1, 0, -1, 2, 3))  # the root's row comes first, then two branches
+    outputs = []
+    for native in (scripted, eager):
+        native.prefill(ids[:15])
+        outputs.append(native.forward(ids[15:], tree.positions(15), tree.mask()).logits)
+    assert torch.equal(outputs[0], outputs[1])

@@ -12,16 +12,9 @@ from pathlib import Path
 import pytest
 
 from onepass.bench import report
-from onepass.bench.run import (
-    BenchError,
-    Question,
-    Turn,
-    geometric_mean,
-    load_questions,
-    run_questions,
-    select,
-    summarize,
-)
+from onepass.bench.questions import BenchError, Question, load_questions, select
+from onepass.bench.run import geometric_mean, run_questions, summarize
+from onepass.bench.runners import Turn
 from onepass.cli import build_parser, main
 from onepass.errors import OnepassError
 from onepass.outputs import SpecDecodeStats
@@ -429,8 +422,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, make_
 
 
 def test_missing_llama_cpp_is_a_clear_error(monkeypatch):
-    from onepass.bench import run
+    from onepass.bench import runners
 
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(OnepassError, match="needs llama-cpp-python, which is not installed"):
-        run.check_peers(["llamacpp"])
+        runners.check_peers(["llamacpp"])

@@ -12,6 +12,7 @@ import platform
 import time
 from bisect import bisect_left
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -68,12 +69,14 @@ def measure(
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         seconds.append(sorted(times)[reps // 2])
-    return CostModel(tuple(sizes), tuple(seconds))
+    # More rows never cost less: a dip is noise, and would lure drafters into larger trees.
+    return CostModel(tuple(sizes), tuple(accumulate(seconds, max)))
 
 
 def cached_cost_model(backend: Backend, key: str, cache_dir: Path) -> CostModel:
     """The measured curve for this model + machine, from `cache_dir` or measured now."""
-    ident = f"{key}|{platform.processor() or platform.machine()}|{torch.__version__}"
+    backend_id = f"{type(backend).__name__}-{getattr(backend, 'revision', 0)}"
+    ident = f"{key}|{backend_id}|{platform.processor() or platform.machine()}|{torch.__version__}"
     ident += f"|{torch.get_num_threads()}|{getattr(backend, 'dtype', '')}"
     path = cache_dir / "cost_curves.json"
     curves = json.loads(path.read_text()) if path.exists() else {}

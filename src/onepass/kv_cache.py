@@ -26,13 +26,10 @@ class KVCache:
         self.k = torch.empty(shape, dtype=dtype, device=device)  # rows past length never read
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0  # committed rows
-        # Views the model writes and reads through (set up once: each view op costs time).
         # Rotary embedding writes keys as complex pairs; half precision has no complex type.
         complex_ok = dtype in (torch.float32, torch.float64)
         pairs = self.k.view(*shape[:-1], head_dim // 2, 2)
         self.k_pairs = torch.view_as_complex(pairs) if complex_ok else None
-        self.k4 = self.k.unsqueeze(1)  # [layers, 1, kv_heads, max_len, head_dim]
-        self.v4 = self.v.unsqueeze(1)
 
     def commit(self, keep: Tensor) -> None:
         """keep: [m] ascending indices of the last forward's rows to retain, in order."""

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from onepass.bench.run import PEERS, BenchSettings, Sampling
+from onepass.bench.run import BenchSettings
+from onepass.bench.runners import PEERS, Sampling
 
 # Namespace entries that are not bench options (set by the top-level parser or by us).
 _NOT_OPTIONS = ("func", "command")

@@ -7,7 +7,8 @@ the accepted tokens into place. See design.md §3 and the Backend protocol in `m
 
 On CPU with MKL, linear layers use MKL's packed GEMM (weights packed once at load): its cost
 is nearly flat from 1 to 16 rows, and row i of its result does not depend on the other rows,
-so scoring a draft uses the same arithmetic per token as plain decoding.
+so scoring a draft uses the same arithmetic per token as plain decoding. The layers themselves
+run as one TorchScript function (layer_stack.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import Tensor
 from onepass.kv_cache import KVCache
 from onepass.models.base import ModelOutput
 from onepass.models.config import ModelConfig
+from onepass.models.layer_stack import normalize, scripted_decoder_layers
 
 PACK_ROWS_HINT = 16  # MKL packs for this many rows; measured flat cost for 1..16 rows
 
@@ -79,36 +81,36 @@ def interleave_rope_rows(w: Tensor, heads: int) -> Tensor:
     return w.reshape(heads, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def apply_rope(x: Tensor, rotation: Tensor) -> Tensor:
-    """x: [n, heads, head_dim] (adjacent pairs); rotation: [n, 1, head_dim / 2] complex.
-    The path for dtypes without a complex counterpart (bf16, fp16): compute in fp32."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+def layer_linears(
+    w: Mapping[str, Tensor], prefix: str, config: ModelConfig
+) -> list[tuple[Tensor, Tensor | None]]:
+    """(weight, bias) of a layer's qkv, o, gate_up and down projections, RMSNorm weights folded
+    into the columns of the projection that follows each norm."""
 
+    def get(name: str) -> Tensor | None:
+        return w.get(f"{prefix}.{name}")
 
-class Layer:
-    def __init__(self, w: Mapping[str, Tensor], prefix: str, config: ModelConfig, pack: bool):
-        def get(name: str) -> Tensor | None:
-            return w.get(f"{prefix}.{name}")
+    heads = {"q": config.num_heads, "k": config.num_kv_heads, "v": None}
 
-        heads = {"q": config.num_heads, "k": config.num_kv_heads, "v": None}
+    def projection(kind: str, p: str) -> Tensor | None:
+        t = get(f"self_attn.{p}_proj.{kind}")
+        return t if t is None or heads[p] is None else interleave_rope_rows(t, heads[p])
 
-        def projection(kind: str, p: str) -> Tensor | None:
-            t = get(f"self_attn.{p}_proj.{kind}")
-            return t if t is None or heads[p] is None else interleave_rope_rows(t, heads[p])
-
-        qkv = torch.cat([projection("weight", p) for p in "qkv"])
-        bias = torch.cat([projection("bias", p) for p in "qkv"]) if config.attention_bias else None
-        # RMSNorm weights scale the input columns of the next projection: fold them in.
-        self.qkv = Linear(qkv * get("input_layernorm.weight"), bias, pack)
-        self.o = Linear(get("self_attn.o_proj.weight"), None, pack)
-        gate_up = torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")])
-        self.gate_up = Linear(gate_up * get("post_attention_layernorm.weight"), None, pack)
-        self.down = Linear(get("mlp.down_proj.weight"), None, pack)
+    qkv = torch.cat([projection("weight", p) for p in "qkv"])
+    bias = torch.cat([projection("bias", p) for p in "qkv"]) if config.attention_bias else None
+    gate_up = torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")])
+    return [
+        (qkv * get("input_layernorm.weight"), bias),
+        (get("self_attn.o_proj.weight"), None),
+        (gate_up * get("post_attention_layernorm.weight"), None),
+        (get("mlp.down_proj.weight"), None),
+    ]
 
 
 class NativeDecoder:
     """Implements the Backend protocol for Llama-family weights in Hugging Face naming."""
+
+    revision = 2  # bump when a change alters the cost curve: cached curves are keyed by it
 
     def __init__(
         self,
@@ -129,9 +131,20 @@ class NativeDecoder:
         lm_head = self.embed if config.tie_word_embeddings else w["lm_head.weight"]
         self.lm_head = Linear(lm_head, None, pack)
         self.norm = w["model.norm.weight"]
-        self.layers = [
-            Layer(w, f"model.layers.{i}", config, pack) for i in range(config.num_layers)
+        linears = [
+            pair
+            for i in range(config.num_layers)
+            for pair in layer_linears(w, f"model.layers.{i}", config)
         ]
+        self.weights = [weight for weight, _ in linears]
+        self.biases = [bias for _, bias in linears]
+        self.packed = (
+            [torch.ops.mkl._mkl_reorder_linear_weight(t, PACK_ROWS_HINT) for t in self.weights]
+            if pack
+            else []
+        )
+        self.eps = torch.full((1, 1), config.rms_norm_eps, dtype=dtype, device=self.device)
+        self.layer_stack = scripted_decoder_layers()
         positions = torch.arange(max_len, dtype=torch.float32)
         angles = torch.outer(positions, rope_inv_freq(config))  # [max_len, head_dim / 2]
         self.rotation = torch.polar(torch.ones_like(angles), angles).to(self.device)
@@ -207,58 +220,25 @@ class NativeDecoder:
         return full.repeat(self.config.num_heads // self.config.num_kv_heads, 1)
 
     def _run(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool):
-        # Few, large ops: on CPU each eager op costs microseconds of dispatch, and the weights
-        # streaming through the caches make every op after a GEMM slower still.
         cfg = self.config
-        n = ids.shape[0]
-        nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        group = nh // nkv
-        attn_mask = self._attention_mask(positions, mask)
-        rotation = self.rotation[positions][:, None, :]  # [n, 1, hd / 2] complex
-        k_rotation = rotation.transpose(0, 1)  # [1, n, hd / 2]
-        eps = cfg.rms_norm_eps
-        start, end = self.cache.length, self.cache.length + n
-        x = self.embed[ids]  # [n, hidden]
-        for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(normalize(x, eps))  # RMSNorm weight folded into qkv
-            if self.cache.k_pairs is not None:
-                # Rotary embedding of k, written straight into the cache.
-                pairs = torch.view_as_complex(qkv.view(n, nh + 2 * nkv, hd // 2, 2))
-                torch.mul(
-                    pairs[:, nh : nh + nkv].transpose(0, 1),
-                    k_rotation,
-                    out=self.cache.k_pairs[i, :, start:end],
-                )
-                q = torch.view_as_real(pairs[:, :nh] * rotation)  # [n, nh, hd / 2, 2]
-            else:
-                qk = apply_rope(qkv.view(n, -1, hd)[:, : nh + nkv], rotation)
-                self.cache.k[i, :, start:end] = qk[:, nh:].transpose(0, 1)
-                q = qk[:, :nh]
-            self.cache.v[i, :, start:end] = qkv.view(n, -1, hd)[:, nh + nkv :].transpose(0, 1)
-            # Grouped-query attention: each kv head serves `group` query heads x n tokens.
-            if n > 1:
-                q = q.reshape(n, nkv, group, hd).permute(1, 2, 0, 3)
-            a = F.scaled_dot_product_attention(
-                q.reshape(1, nkv, group * n, hd),
-                self.cache.k4[i, :, :, :end],
-                self.cache.v4[i, :, :, :end],
-                attn_mask=attn_mask,
-            )  # [1, nkv, group * n, hd]
-            if n > 1:
-                a = a.view(nkv, group, n, hd).permute(2, 0, 1, 3)
-            x = x + layer.o(a.reshape(n, nh * hd))
-            gate, up = layer.gate_up(normalize(x, eps)).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+        # Graph optimization off: TorchScript would re-profile and re-specialize for every new
+        # row count; its plain interpreter is what saves the time (see layer_stack.py).
+        with torch.jit.optimized_execution(False):
+            x = self.layer_stack(
+                self.embed[ids],
+                self.eps,
+                self.weights,
+                self.packed,
+                self.biases,
+                self.cache.k,
+                self.cache.v,
+                self.cache.k_pairs,
+                self.rotation[positions][:, None, :],
+                self.cache.length,
+                [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim],
+                self._attention_mask(positions, mask),
+            )
         if last_only:
             x = x[-1:]
-        hidden = normalize(x, eps) * self.norm  # [rows, hidden]
+        hidden = normalize(x, self.eps) * self.norm  # [rows, hidden]
         return ModelOutput(logits=self.lm_head(hidden).float(), hidden=hidden)
-
-
-def normalize(x: Tensor, eps: float) -> Tensor:
-    """RMSNorm without its weight: x / sqrt(mean(x^2) + eps), rows [n, hidden]. Written with
-    vector_norm, the cheapest reduction here: op count dominates the cost of small ops."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x * torch.rsqrt(
-        torch.addcmul(torch.full_like(norm, eps), norm, norm, value=1 / x.shape[-1])
-    )
