@@ -174,7 +174,10 @@ def test_build_uses_num_speculative_tokens_as_the_node_cap():
     d = build_drafter("lookahead", Options(guess_set_size=5, level=5), context)
     assert d.max_nodes == 3
     context.num_speculative_tokens = None
-    assert build_drafter("lookahead", Options(guess_set_size=5, level=5), context).max_nodes == 20
+    # Else the rows budget caps it: 16 rows - root - 11 window rows (4 levels x 3 columns - 1).
+    assert build_drafter("lookahead", Options(guess_set_size=5, level=5), context).max_nodes == 4
+    roomy = Options(guess_set_size=5, level=5, max_rows=40)
+    assert build_drafter("lookahead", roomy, context).max_nodes == 20  # G x (N - 1)
 
 
 def fake_output(draft: Draft, root: int, aux: list[int], vocab: int = 50) -> ModelOutput:

@@ -246,13 +246,14 @@ class LLM:
             spec=SpecDecodeStats(),
         )
         typical = spec.typical if spec else None
+        drafter = self._drafter(spec)  # before the clock: may measure the cost curve, once
         start = time.perf_counter()
         steps = decode(
             self.backend,
             ids,
             params,
             processor,
-            self._drafter(spec),
+            drafter,
             metrics.spec,
             rng,
             typical,

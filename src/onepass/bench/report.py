@@ -137,7 +137,7 @@ def speedup_figure(results: dict[str, Any]) -> Any:
     columns = _columns(results)
     methods = [m for m in results["summary"] if m != "vanilla"] or ["vanilla"]
     bars = len(columns) * len(methods)
-    fig = Figure(figsize=(min(14.0, max(6.0, 0.35 * bars + 2)), 4.5))
+    fig = Figure(figsize=(min(20.0, max(6.0, 0.22 * bars + 3)), 4.8))
     ax = fig.add_subplot()
     width = 0.8 / len(methods)
     for i, method in enumerate(methods):
@@ -146,13 +146,14 @@ def speedup_figure(results: dict[str, Any]) -> Any:
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(columns))]
         heights = [float("nan") if v is None else v for v in values]
         drawn = ax.bar(xs, heights, width, label=method)
-        ax.bar_label(drawn, labels=[_fmt(v, "float") for v in values], fontsize=7, padding=1)
+        labels = [_fmt(v, "float") for v in values]
+        ax.bar_label(drawn, labels=labels, fontsize=6.5, padding=2, rotation=90)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="vanilla = 1")
     ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
     ax.set_ylabel("speedup over plain decoding (x)")
     ax.set_title(f"{results['model']}: speedup by method and category")
-    ax.legend(fontsize=8)
-    ax.margins(y=0.12)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0))  # clear of the bars
+    ax.margins(y=0.2)
     fig.tight_layout()
     return fig
 
@@ -163,17 +164,17 @@ def acceptance_figure(results: dict[str, Any]) -> Any:
 
     fig = Figure(figsize=(6.0, 4.2))
     ax = fig.add_subplot()
-    drawn = False
+    top, drawn = 0.0, False
     for method, groups in results["summary"].items():
         rates = groups["overall"]["acceptance_per_position"]
         if rates:
             ax.plot(range(1, len(rates) + 1), rates, marker="o", label=method)
-            drawn = True
+            top, drawn = max(top, *rates), True
     if drawn:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no method proposed draft tokens", ha="center", transform=ax.transAxes)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, min(1.05, max(0.1, 1.15 * top)))  # rates are small: use the height
     ax.set_xlabel("draft position")
     ax.set_ylabel("acceptance rate (accepted_per_pos / num_drafts)")
     ax.set_title(f"{results['model']}: acceptance rate by draft position")

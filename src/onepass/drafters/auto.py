@@ -35,8 +35,9 @@ MAX_PENDING = 64  # proposals awaiting enough emitted tokens to be scored, per d
 class Options:
     methods: list[str] = field(default_factory=lambda: ["ngram", "suffix", "recycling"])
     """Candidate drafters (each with its default options)."""
-    max_nodes: int = 16
-    """Largest draft considered per step."""
+    max_nodes: int = 15
+    """Largest draft considered per step (15 + the root = 16 rows, where the CPU backend's cost
+    steps up; the cost curve would price larger drafts, but they rarely pay)."""
     decay: float = 0.97
     """Weight of the past in the acceptance estimates (closer to 1 = slower to adapt)."""
     prior_acceptance: float = 0.5

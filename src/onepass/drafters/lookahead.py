@@ -46,8 +46,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class Options:
-    """Defaults sized for a CPU whose forward cost is nearly flat up to ~12-16 rows: 8 window
-    rows + at most 12 trie nodes (about 5 on average) + the root."""
+    """Defaults sized for a CPU whose forward cost is nearly flat up to 16 rows and steps up
+    after (the MKL pack size, see models/llama.py): the root + 8 window rows + at most 7 trie
+    nodes."""
 
     level: int = 4
     """N: n-gram length; the window has N - 1 levels and candidates have N - 1 tokens."""
@@ -59,6 +60,8 @@ class Options:
     """Shift the window by the accepted length (exact offsets) instead of one level per step."""
     seed: int = 0
     """Seed for the prompt tokens that initialise and pad the window (drafts stay reproducible)."""
+    max_rows: int = 16
+    """Rows a step scores (root + window + trie) when num_speculative_tokens is not given."""
 
     def __post_init__(self) -> None:
         if self.level < 2:
@@ -67,6 +70,8 @@ class Options:
             raise ValueError("window_size must be >= 1")
         if self.guess_set_size < 1:
             raise ValueError("guess_set_size must be >= 1")
+        if self.max_rows < 2:
+            raise ValueError("max_rows must be >= 2")
 
 
 class NgramPool:
@@ -144,8 +149,9 @@ def window_mask(level: int, window: int, num_nodes: int) -> Tensor:
 class LookaheadDrafter:
     def __init__(self, options: Options, max_nodes: int | None) -> None:
         self.options = options
-        self.max_nodes = max_nodes or options.guess_set_size * (options.level - 1)
         self.cells = window_cells(options.level, options.window_size)
+        budget = max(1, options.max_rows - 1 - len(self.cells))
+        self.max_nodes = max_nodes or min(options.guess_set_size * (options.level - 1), budget)
         self.offsets = window_offsets(options.level, options.window_size)
         self.masks: dict[int, Tensor] = {}  # num_nodes -> aux mask (a few sizes recur)
         self.start([0])  # usable before the first request; start() resets per request
