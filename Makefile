@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/onepass generate --method auto --compare --max-tokens 128 "$$(printf '$(PROMPT)')"
+	$(VENV)/bin/onepass generate --method auto --compare --max-tokens 128 "$$(printf '%b' '$(PROMPT)')"
 
 test: $(STAMP)
 	$(PY) -m pytest -q
