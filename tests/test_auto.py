@@ -1,38 +1,90 @@
-"""The adaptive drafter's bookkeeping: counterfactual scoring, acceptance estimates and the
-cost-aware choice of drafter and depth."""
+"""The adaptive drafter's bookkeeping: counterfactual scoring, acceptance estimates, the merged
+tree and the cost-aware choice of how much of it to score."""
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from onepass.cost import CostModel
-from onepass.drafters.auto import DepthStats, match_length
+from onepass.drafters.auto import AutoDrafter, MergedTree, NodeStats, sibling_ranks, walk
 from onepass.drafters.base import DecodeState, Draft
 from onepass.tree import Tree
 
 
-def test_match_length_walks_the_tree_along_emitted_tokens():
+def test_walk_reports_every_child_tried_along_the_emitted_tokens():
     draft = Draft([5, 6, 7, 8], Tree((-1, 0, 0, 2)))  # 5 -> {6, 7 -> 8}
-    assert match_length(draft, [5, 7, 8]) == (3, 3, False)  # whole branch matched
-    assert match_length(draft, [5, 7, 9]) == (2, 3, False)  # level 3 tried and failed
-    assert match_length(draft, [4]) == (0, 1, False)
-    assert match_length(draft, [5]) == (1, 1, True)  # not enough emitted tokens yet
-    assert match_length(Draft.empty(), [1, 2]) == (0, 0, False)
+    assert walk(draft, [5, 7, 8]) == [(1, 0, True), (2, 0, False), (2, 1, True), (3, 0, True)]
+    assert walk(draft, [5, 7, 9]) == [(1, 0, True), (2, 0, False), (2, 1, True), (3, 0, False)]
+    assert walk(draft, [4]) == [(1, 0, False)]
+    assert walk(draft, [5]) is None  # not enough emitted tokens yet
+    assert walk(Draft.empty(), [1, 2]) == []
 
 
-def test_depth_stats_decay_towards_evidence():
-    stats = DepthStats(depth=4, decay=0.5, prior=0.5)
-    assert stats.rate(1) == 0.5
+def test_sibling_ranks_count_children_in_node_order():
+    assert sibling_ranks(Tree((-1, -1, 0, 0, -1, 2))) == [0, 1, 0, 1, 2, 0]
+
+
+def test_node_stats_decay_towards_evidence_per_depth_and_rank():
+    stats = NodeStats(depth=4, decay=0.5, prior=0.5)
+    assert stats.rate(1, 0) == 0.5 and stats.rate(1, 1) == 0.25  # prior halves per rank
     for _ in range(20):
-        stats.update(matched=1, deepest_tried=2)  # depth 1 always accepted, depth 2 never
-    assert stats.rate(1) > 0.99 and stats.rate(2) < 0.01
-    assert stats.rate(3) == 0.5  # never tried: still the prior
+        stats.update(1, 0, True)
+        stats.update(1, 1, False)
+        stats.update(2, 0, False)
+    assert stats.rate(1, 0) > 0.99 and stats.rate(1, 1) < 0.01 and stats.rate(2, 0) < 0.01
+    assert stats.rate(3, 0) == 0.5  # never tried: still the prior
+    assert stats.rate(99, 0) == stats.rate(4, 0)  # deeper nodes share the last estimate
+
+
+def stats_with(rates: dict[tuple[int, int], float]) -> NodeStats:
+    stats = NodeStats(depth=8, decay=0.5, prior=0.5)
+    for (d, r), rate in rates.items():
+        stats.tried[d][r], stats.accepted[d][r] = 1.0, rate
+    return stats
+
+
+def test_merged_tree_shares_common_paths_and_keeps_the_best_estimate():
+    merged = MergedTree()
+    merged.add(Draft.chain([5, 6, 7]), stats_with({(1, 0): 0.5, (2, 0): 0.5, (3, 0): 0.5}))
+    merged.add(Draft([5, 9, 6], Tree((-1, -1, 0))), stats_with({(1, 0): 0.8, (1, 1): 0.1}))
+    assert merged.tokens == [5, 6, 7, 9] and merged.parents == [-1, 0, 1, -1]
+    assert merged.rates[0] == 0.8  # token 5 at depth 1: the better of 0.5 and 0.8
+    assert merged.probabilities() == [0.8, 0.8 * 0.5, 0.8 * 0.5 * 0.5, 0.1]
+    order = [node for node, _ in merged.best_first(max_depth=8)]
+    assert order == [0, 1, 2, 3]
+    assert [node for node, _ in merged.best_first(max_depth=1)] == [0, 3]
+    draft = merged.draft([0, 1, 3])
+    assert draft.tokens == [5, 6, 9] and draft.tree.parents == (-1, 0, -1)
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 30), st.integers(0, 3), st.floats(0.0, 1.0)),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_every_best_first_prefix_is_a_tree(spec):
+    """Random trees with random estimates: any prefix of the ranking keeps every parent."""
+    parents = tuple(p % (i + 1) - 1 for i, (p, _, _) in enumerate(spec))
+    tokens = [t for _, t, _ in spec]
+    stats = NodeStats(depth=8, decay=0.5, prior=0.5)
+    for i, (_, _, rate) in enumerate(spec):
+        d, r = min(i, 8), i % 8
+        stats.tried[d][r], stats.accepted[d][r] = 1.0, rate
+    merged = MergedTree()
+    merged.add(Draft(tokens, Tree(parents)), stats)
+    ranked = [node for node, _ in merged.best_first(max_depth=99)]
+    assert sorted(ranked) == list(range(len(merged.tokens)))
+    for n in range(len(ranked) + 1):
+        merged.draft(ranked[:n])  # raises if a kept node's parent is missing
 
 
 class FakeAuto:
-    """AutoDrafter's depth-cut search without building real drafters."""
+    """AutoDrafter's cut search without building real drafters."""
 
-    from onepass.drafters.auto import AutoDrafter
-
-    _best_cut = AutoDrafter._best_cut
+    best_draft = AutoDrafter.best_draft
     _time = AutoDrafter._time
 
     def __init__(self, cost: CostModel) -> None:
@@ -43,22 +95,32 @@ def state(max_depth: int = 10) -> DecodeState:
     return DecodeState([1, 2, 3], 2, max_draft_tokens=32, max_depth=max_depth)
 
 
-def test_cut_is_deep_when_rows_are_cheap_and_acceptance_high():
+def chain_tree(n: int, rate: float) -> MergedTree:
+    merged = MergedTree()
+    merged.add(Draft.chain(list(range(10, 10 + n))), stats_with({(d, 0): rate for d in range(9)}))
+    return merged
+
+
+def test_draft_is_deep_when_rows_are_cheap_and_acceptance_high():
     flat = CostModel((1, 32), (1.0, 1.0))
-    stats = DepthStats(8, 0.9, 0.9)
-    chain = Draft.chain([1, 2, 3, 4, 5, 6])
-    cut, value = FakeAuto(flat)._best_cut(chain, stats, state())
-    assert len(cut) == 6 and value > 1.0
+    assert len(FakeAuto(flat).best_draft(chain_tree(6, 0.9), state())) == 6
 
 
-def test_cut_is_empty_when_speculation_cannot_pay():
+def test_draft_is_empty_when_speculation_cannot_pay():
     steep = CostModel((1, 2, 32), (1.0, 2.0, 32.0))  # each row costs as much as a step
-    stats = DepthStats(8, 0.9, 0.3)
-    _, value = FakeAuto(steep)._best_cut(Draft.chain([1, 2, 3]), stats, state())
-    assert value < 1.0  # below plain decoding's 1 token / t(1): the caller keeps plain
+    assert len(FakeAuto(steep).best_draft(chain_tree(3, 0.3), state())) == 0
 
 
-def test_cut_respects_max_depth():
+def test_draft_stops_where_the_next_node_costs_more_than_it_brings():
+    # t(k) = 1 + 0.1 (k - 1); node probabilities 0.5, 0.25, 0.125, ...: E(N) / t(1 + N) is
+    # 1, 1.36, 1.46, 1.44 for N = 0..3, so two nodes.
+    linear = CostModel((1, 32), (1.0, 4.1))
+    assert len(FakeAuto(linear).best_draft(chain_tree(8, 0.5), state())) == 2
+
+
+def test_draft_respects_max_depth_and_the_row_limit():
     flat = CostModel((1, 32), (1.0, 1.0))
-    cut, _ = FakeAuto(flat)._best_cut(Draft.chain([1, 2, 3, 4]), DepthStats(8, 0.9, 0.9), state(2))
-    assert len(cut) == 2
+    assert len(FakeAuto(flat).best_draft(chain_tree(4, 0.9), state(2))) == 2
+    auto = FakeAuto(flat)
+    auto.max_nodes = 3
+    assert len(auto.best_draft(chain_tree(6, 0.9), state())) == 3

@@ -1,19 +1,23 @@
-"""Adaptive drafting: pick a drafter and a draft size every step by expected tokens per second.
+"""Adaptive drafting: merge every drafter's proposal into one tree and keep, each step, the nodes
+worth their cost.
 
 Every step each model-free drafter (ngram, suffix, recycling by default) proposes a tree. Their
 past proposals are scored counterfactually against the tokens that were actually emitted: with
 deterministic drafts the verifier accepts exactly the longest draft path that matches the
 emitted tokens (greedy, and sampling too, see verify/multi_draft.py), so "would have been
-accepted" is known for every drafter, not only the one whose draft was scored. From these we
-keep, per drafter and depth d, a decaying estimate a(d) of P(depth d accepted | depth d - 1
-accepted).
+accepted" is known for every drafter's proposal, not only for the nodes that were scored. From
+these we keep, per drafter and per (depth, rank among siblings), a decaying estimate
+c = P(node accepted | its parent accepted).
 
-For a proposal cut at depth D (using r(D) rows), the expected tokens per step are
-E(D) = 1 + sum_{j<=D} prod_{i<=j} a(i), and the step costs t(1 + r(D)) from the backend's cost
-curve (onepass.cost), rescaled online by the step times we observe. The step scores the
-(drafter, D) maximising E(D) / t(1 + r(D)); if nothing beats plain decoding's 1 / t(1), the
-draft is empty. So auto is never meaningfully slower than plain decoding (its only overhead is
-drafting) and uses long drafts exactly where they pay.
+The proposals are merged into one trie (a token path proposed by several drafters is one node,
+with the most optimistic of their estimates). A node's probability of being accepted is the
+product of c along its path, and the expected tokens of a step are 1 + the sum of these over
+the nodes scored (at most one node per depth is accepted). Taking nodes best-first keeps the
+set a tree (a child is never likelier than its parent); the step scores the N best nodes with
+the largest expected tokens per second, E(N) / t(1 + N), from the backend's cost curve
+(onepass.cost) rescaled online by the step times we observe. If nothing beats plain decoding's
+1 / t(1), the draft is empty: auto is never meaningfully slower than plain decoding (its only
+overhead is drafting) and spends rows exactly where they pay.
 """
 
 from __future__ import annotations
@@ -26,75 +30,175 @@ from dataclasses import dataclass, field
 from onepass.drafters import DraftContext, build_drafter, options_class
 from onepass.drafters.base import DecodeState, Draft, Drafter
 from onepass.models.base import ModelOutput
+from onepass.tree import Tree
 from onepass.verify.base import Verdict
 
 MAX_PENDING = 64  # proposals awaiting enough emitted tokens to be scored, per drafter
+MAX_RANK = 8  # siblings from this rank on share one estimate
+
+# Token Recycling's template inside auto: wider than its own default, because auto keeps only
+# the nodes whose measured acceptance pays for their rows.
+RECYCLING_TREE = (
+    *((r,) for r in range(6)),
+    *((0, r) for r in range(4)),
+    (1, 0), (1, 1), (2, 0), (3, 0),
+    (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (2, 0, 0),
+    (0, 0, 0, 0), (0, 1, 0, 0), (1, 0, 0, 0),
+    (0, 0, 0, 0, 0),
+    (0, 0, 0, 0, 0, 0),
+)  # fmt: skip
 
 
 @dataclass
 class Options:
     methods: list[str] = field(default_factory=lambda: ["ngram", "suffix", "recycling"])
-    """Candidate drafters (each with its default options)."""
+    """Candidate drafters (each with its default options) whose trees are merged."""
     max_nodes: int = 15
-    """Largest draft considered per step (15 + the root = 16 rows, where the CPU backend's cost
-    steps up; the cost curve would price larger drafts, but they rarely pay)."""
+    """Largest draft per step (15 + the root = 16 rows, where the CPU backend's cost steps up;
+    the cost curve would price larger drafts, but they rarely pay)."""
     decay: float = 0.97
     """Weight of the past in the acceptance estimates (closer to 1 = slower to adapt)."""
     prior_acceptance: float = 0.5
-    """Acceptance assumed before any evidence, worth two observations."""
+    """Acceptance assumed for a first child before any evidence (halved per sibling rank),
+    worth two observations."""
 
     def __post_init__(self) -> None:
         from onepass.drafters import METHODS
 
-        bad = [m for m in self.methods if m not in METHODS or m == "auto"]
+        # Lookahead's window rows are not draft nodes: they cannot be merged into a tree.
+        allowed = sorted(set(METHODS) - {"auto", "lookahead"})
+        bad = [m for m in self.methods if m not in allowed]
         if not self.methods or bad:
-            raise ValueError(f"methods must be drafters among {sorted(set(METHODS) - {'auto'})}")
+            raise ValueError(f"methods must be drafters among {allowed}")
         if not 1 <= self.max_nodes <= 64:
             raise ValueError("max_nodes must be in 1..64")
         if not 0 < self.decay < 1 or not 0 < self.prior_acceptance < 1:
             raise ValueError("decay and prior_acceptance must be in (0, 1)")
 
 
-class DepthStats:
-    """Decaying counts of 'reached depth d' and 'accepted at depth d'."""
+class NodeStats:
+    """Decaying counts of 'tried' and 'accepted' per (depth, sibling rank) of a drafter's nodes."""
 
     def __init__(self, depth: int, decay: float, prior: float) -> None:
         self.decay = decay
-        self.tried = [2.0] * (depth + 1)
-        self.accepted = [2.0 * prior] * (depth + 1)
+        self.tried = [[2.0] * MAX_RANK for _ in range(depth + 1)]
+        self.accepted = [[2.0 * prior / 2**r for r in range(MAX_RANK)] for _ in range(depth + 1)]
 
-    def update(self, matched: int, deepest_tried: int) -> None:
-        """The matched path reached `matched` levels; level matched + 1 was tried and failed
-        when the tree went deeper than `matched` along that path (deepest_tried)."""
-        for d in range(1, min(deepest_tried, len(self.tried) - 1) + 1):
-            self.tried[d] = self.decay * self.tried[d] + 1
-            self.accepted[d] = self.decay * self.accepted[d] + (d <= matched)
+    def _key(self, depth: int, rank: int) -> tuple[int, int]:
+        return min(depth, len(self.tried) - 1), min(rank, MAX_RANK - 1)
 
-    def rate(self, depth: int) -> float:
-        d = min(depth, len(self.tried) - 1)
-        return self.accepted[d] / self.tried[d]
+    def rate(self, depth: int, rank: int) -> float:
+        d, r = self._key(depth, rank)
+        return self.accepted[d][r] / self.tried[d][r]
+
+    def update(self, depth: int, rank: int, accepted: bool) -> None:
+        d, r = self._key(depth, rank)
+        self.tried[d][r] = self.decay * self.tried[d][r] + 1
+        self.accepted[d][r] = self.decay * self.accepted[d][r] + accepted
 
 
-def match_length(draft: Draft, actual: Sequence[int]) -> tuple[int, int, bool]:
-    """Walk the draft tree along `actual` (the tokens emitted after the root). Returns
-    (levels matched, deepest level tried on the matched path, whether `actual` ran out before
-    the walk could end)."""
+def sibling_ranks(tree: Tree) -> list[int]:
+    """Each node's index among its parent's children (in node order)."""
+    seen: dict[int, int] = {}
+    ranks = []
+    for p in tree.parents:
+        ranks.append(seen.get(p, 0))
+        seen[p] = ranks[-1] + 1
+    return ranks
+
+
+def walk(draft: Draft, actual: Sequence[int]) -> list[tuple[int, int, bool]] | None:
+    """Walk the draft tree along `actual` (the tokens emitted after the root): for every child
+    of a node on the matched path, (depth, rank, matched). None if `actual` runs out before the
+    walk can end (the proposal cannot be scored yet)."""
     children = draft.tree.children()
+    events = []
     row, depth = 0, 0
     while children[row]:
         if depth >= len(actual):
-            return depth, depth, True
-        match = next((c for c in children[row] if draft.tokens[c] == actual[depth]), None)
+            return None
+        match = None
+        for rank, c in enumerate(children[row]):
+            hit = match is None and draft.tokens[c] == actual[depth]
+            events.append((depth + 1, rank, hit))
+            match = c if hit else match
         if match is None:
-            return depth, depth + 1, False
+            break
         row, depth = match + 1, depth + 1
-    return depth, depth, False
+    return events
+
+
+@dataclass
+class MergedTree:
+    """A trie of draft tokens with each node's estimated probability of being accepted."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
+    """P(node accepted | parent accepted): the best estimate of any drafter proposing it."""
+    index: dict[tuple[int, int], int] = field(default_factory=dict)
+    """(parent node, token) -> node."""
+
+    def add(self, draft: Draft, stats: NodeStats) -> None:
+        node_of: list[int] = []
+        tree = draft.tree
+        for token, p, depth, rank in zip(
+            draft.tokens, tree.parents, tree.depths, sibling_ranks(tree), strict=True
+        ):
+            parent = -1 if p < 0 else node_of[p]
+            rate = stats.rate(depth, rank)
+            node = self.index.get((parent, token))
+            if node is None:
+                node = self.index[(parent, token)] = len(self.tokens)
+                self.tokens.append(token)
+                self.parents.append(parent)
+                self.depths.append(depth)
+                self.rates.append(rate)
+            else:
+                self.rates[node] = max(self.rates[node], rate)
+            node_of.append(node)
+
+    def probabilities(self) -> list[float]:
+        probs: list[float] = []
+        for parent, rate in zip(self.parents, self.rates, strict=True):
+            probs.append(rate * (1.0 if parent < 0 else probs[parent]))
+        return probs
+
+    def best_first(self, max_depth: int) -> list[tuple[int, float]]:
+        """(node, probability) no deeper than max_depth, likeliest first; a parent always comes
+        before its children (equal probabilities: shallower first)."""
+        probs = self.probabilities()
+        nodes = [i for i in range(len(self.tokens)) if self.depths[i] <= max_depth]
+        nodes.sort(key=lambda i: (-probs[i], self.depths[i], i))
+        return [(i, probs[i]) for i in nodes]
+
+    def draft(self, nodes: Sequence[int]) -> Draft:
+        """The sub-tree of these nodes (parent-closed, parents first) as a Draft."""
+        new_index = {old: new for new, old in enumerate(nodes)}
+        parents = tuple(-1 if self.parents[i] < 0 else new_index[self.parents[i]] for i in nodes)
+        return Draft([self.tokens[i] for i in nodes], Tree(parents))
+
+
+def sub_drafter_config(method: str, max_nodes: int, context: DraftContext) -> tuple:
+    """Options and context for one of auto's drafters: each proposes up to max_nodes tokens,
+    except recycling, which offers its whole (wider) template for auto to prune."""
+    options = options_class(method)()
+    if method == "recycling":
+        options.tree = [list(path) for path in RECYCLING_TREE]
+    sub_context = DraftContext(
+        backend=context.backend,
+        vocab_size=context.vocab_size,
+        num_speculative_tokens=None if method == "recycling" else max_nodes,
+        tokenizer=context.tokenizer,
+    )
+    return options, sub_context
 
 
 @dataclass
 class Candidate:
     drafter: Drafter
-    stats: DepthStats
+    stats: NodeStats
     pending: deque = field(default_factory=lambda: deque(maxlen=MAX_PENDING))
     """(index of the first token after the root, draft) awaiting scoring."""
 
@@ -103,16 +207,10 @@ class AutoDrafter:
     def __init__(self, options: Options, context: DraftContext) -> None:
         self.options = options
         self.max_nodes = min(options.max_nodes, context.num_speculative_tokens or 64)
-        sub_context = DraftContext(
-            backend=context.backend,
-            vocab_size=context.vocab_size,
-            num_speculative_tokens=self.max_nodes,
-            tokenizer=context.tokenizer,
-        )
         self.candidates = {
             m: Candidate(
-                build_drafter(m, options_class(m)(), sub_context),
-                DepthStats(self.max_nodes, options.decay, options.prior_acceptance),
+                build_drafter(m, *sub_drafter_config(m, self.max_nodes, context)),
+                NodeStats(self.max_nodes, options.decay, options.prior_acceptance),
             )
             for m in options.methods
         }
@@ -121,7 +219,6 @@ class AutoDrafter:
         self.tokens: Sequence[int] = []
         self.step_started = 0.0
         self.rows = 1
-        self.chosen: str | None = None
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         for c in self.candidates.values():
@@ -130,37 +227,30 @@ class AutoDrafter:
 
     def propose(self, state: DecodeState) -> Draft:
         self.tokens = state.tokens
-        first_index = len(state.tokens)
-        best, best_value = Draft.empty(), 1.0 / self._time(1)
-        self.chosen = None
-        for name, c in self.candidates.items():
+        merged = MergedTree()
+        for c in self.candidates.values():
             draft = c.drafter.propose(state)
-            if not len(draft):
-                continue
-            c.pending.append((first_index, draft))
-            cut, value = self._best_cut(draft, c.stats, state)
-            if value > best_value:
-                best, best_value, self.chosen = cut, value, name
+            if len(draft):
+                c.pending.append((len(state.tokens), draft))
+                merged.add(draft, c.stats)
+        best = self.best_draft(merged, state)
         self.rows = 1 + len(best)
         self.step_started = time.perf_counter()
         return best
 
-    def _best_cut(self, draft: Draft, stats: DepthStats, state: DecodeState) -> tuple[Draft, float]:
-        """The depth cut of `draft` with the best expected tokens per second."""
-        depths = draft.tree.depths
-        best, best_value = Draft.empty(), 0.0
-        reach, expected = 1.0, 1.0
-        for depth in range(1, min(max(depths), state.max_depth) + 1):
-            reach *= stats.rate(depth)
-            expected += reach
-            rows = sum(1 for d in depths if d <= depth)
-            if rows > min(self.max_nodes, state.max_draft_tokens):
-                break
-            value = expected / self._time(1 + rows)
+    def best_draft(self, merged: MergedTree, state: DecodeState) -> Draft:
+        """The best-first prefix of `merged` with the most expected tokens per second; empty if
+        none beats plain decoding."""
+        limit = min(self.max_nodes, state.max_draft_tokens)
+        ranked = merged.best_first(state.max_depth)[:limit]
+        best_n, best_value = 0, 1.0 / self._time(1)
+        expected = 1.0
+        for n, (_, prob) in enumerate(ranked, start=1):
+            expected += prob
+            value = expected / self._time(1 + n)
             if value > best_value:
-                best_value = value
-                best = draft.truncated(max_depth=depth, max_nodes=rows)
-        return best, best_value
+                best_n, best_value = n, value
+        return merged.draft([node for node, _ in ranked[:best_n]])
 
     def _time(self, rows: int) -> float:
         return self.cost(rows) * self.time_scale if self.cost is not None else float(rows)
@@ -183,12 +273,12 @@ class AutoDrafter:
     def _score_pending(c: Candidate, recent: Sequence[int], offset: int) -> None:
         still: deque = deque(maxlen=MAX_PENDING)
         for first_index, draft in c.pending:
-            actual = recent[first_index - offset :]
-            matched, tried, open_ended = match_length(draft, actual)
-            if open_ended:
+            events = walk(draft, recent[first_index - offset :])
+            if events is None:
                 still.append((first_index, draft))
-            else:
-                c.stats.update(matched, tried)
+                continue
+            for depth, rank, hit in events:
+                c.stats.update(depth, rank, hit)
         c.pending = still
 
 

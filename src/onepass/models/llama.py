@@ -204,8 +204,9 @@ class NativeDecoder:
     # -- the model --------------------------------------------------------------------------
 
     def _attention_mask(self, positions: Tensor, mask: Tensor | None) -> Tensor | None:
-        """[group * n, past + n] bool, rows ordered (query head in group, new token): the
-        whole cache, then `mask` (or causal) among the new rows. None when all is visible."""
+        """[group * n, past + n] additive mask (0 or -inf), rows ordered (query head in group,
+        new token): the whole cache, then `mask` (or causal) among the new rows. None when all
+        is visible."""
         n, past = positions.shape[0], self.cache.length
         window = self.config.sliding_window
         needs_window = window is not None and past + n > window
@@ -217,7 +218,10 @@ class NativeDecoder:
         if needs_window:
             key_pos = torch.cat([torch.arange(past, device=self.device), positions])
             full &= key_pos[None, :] > positions[:, None] - window
-        return full.repeat(self.config.num_heads // self.config.num_kv_heads, 1)
+        # Additive, in the model's dtype: attention would convert a bool mask in every layer.
+        additive = torch.zeros(full.shape, dtype=self.dtype, device=self.device)
+        additive.masked_fill_(~full, float("-inf"))
+        return additive.repeat(self.config.num_heads // self.config.num_kv_heads, 1)
 
     def _run(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool):
         cfg = self.config
