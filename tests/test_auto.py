@@ -3,12 +3,13 @@ tree and the cost-aware choice of how much of it to score."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from onepass.cost import CostModel
-from onepass.drafters.auto import AutoDrafter, MergedTree, NodeStats, sibling_ranks, walk
-from onepass.drafters.base import DecodeState, Draft
+from onepass.drafters.auto import AutoDrafter, MergedTree, NodeStats, slots, walk
+from onepass.drafters.base import NODE_CLASSES, DecodeState, Draft
 from onepass.tree import Tree
 
 
@@ -21,24 +22,29 @@ def test_walk_reports_every_child_tried_along_the_emitted_tokens():
     assert walk(Draft.empty(), [1, 2]) == []
 
 
-def test_sibling_ranks_count_children_in_node_order():
-    assert sibling_ranks(Tree((-1, -1, 0, 0, -1, 2))) == [0, 1, 0, 1, 2, 0]
+def test_slots_are_sibling_ranks_unless_the_drafter_classes_its_nodes():
+    tree = Tree((-1, -1, 0, 0, -1, 2))
+    assert slots(Draft([1] * 6, tree)) == [0, 1, 0, 1, 2, 0]
+    assert slots(Draft([1] * 6, tree, classes=[5, 4, 3, 2, 1, 0])) == [5, 4, 3, 2, 1, 0]
+    assert walk(Draft([7, 8], Tree((-1, -1)), classes=[9, 2]), [8]) == [(1, 9, False), (1, 2, True)]
 
 
-def test_node_stats_decay_towards_evidence_per_depth_and_rank():
-    stats = NodeStats(depth=4, decay=0.5, prior=0.5)
+def test_node_stats_decay_towards_evidence_per_depth_and_slot():
+    stats = NodeStats.for_ranks(decay=0.5, prior=0.5)
     assert stats.rate(1, 0) == 0.5 and stats.rate(1, 1) == 0.25  # prior halves per rank
+    classed = NodeStats.for_classes(decay=0.5, prior=0.5)
+    assert [classed.rate(1, c) for c in (0, 1, 2, 3)] == [0.25, 0.5, 0.75, 0.25]
     for _ in range(20):
         stats.update(1, 0, True)
         stats.update(1, 1, False)
         stats.update(2, 0, False)
     assert stats.rate(1, 0) > 0.99 and stats.rate(1, 1) < 0.01 and stats.rate(2, 0) < 0.01
     assert stats.rate(3, 0) == 0.5  # never tried: still the prior
-    assert stats.rate(99, 0) == stats.rate(4, 0)  # deeper nodes share the last estimate
+    assert stats.rate(99, 0) == stats.rate(8, 0)  # deeper nodes share the last estimate
 
 
 def stats_with(rates: dict[tuple[int, int], float]) -> NodeStats:
-    stats = NodeStats(depth=8, decay=0.5, prior=0.5)
+    stats = NodeStats.for_ranks(decay=0.5, prior=0.5)
     for (d, r), rate in rates.items():
         stats.tried[d][r], stats.accepted[d][r] = 1.0, rate
     return stats
@@ -69,7 +75,7 @@ def test_every_best_first_prefix_is_a_tree(spec):
     """Random trees with random estimates: any prefix of the ranking keeps every parent."""
     parents = tuple(p % (i + 1) - 1 for i, (p, _, _) in enumerate(spec))
     tokens = [t for _, t, _ in spec]
-    stats = NodeStats(depth=8, decay=0.5, prior=0.5)
+    stats = NodeStats.for_ranks(decay=0.5, prior=0.5)
     for i, (_, _, rate) in enumerate(spec):
         d, r = min(i, 8), i % 8
         stats.tried[d][r], stats.accepted[d][r] = 1.0, rate
@@ -124,3 +130,10 @@ def test_draft_respects_max_depth_and_the_row_limit():
     auto = FakeAuto(flat)
     auto.max_nodes = 3
     assert len(auto.best_draft(chain_tree(6, 0.9), state())) == 3
+
+
+def test_draft_classes_are_checked():
+    with pytest.raises(ValueError, match="classes"):
+        Draft([1, 2], Tree.chain(2), classes=[0])
+    with pytest.raises(ValueError, match="classes"):
+        Draft([1], Tree.chain(1), classes=[NODE_CLASSES])

@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 
 from onepass.drafters import DraftContext
 from onepass.drafters.base import DecodeState, Draft
-from onepass.drafters.suffix import CorpusIndex, Options, RequestIndex, SuffixDrafter, build
+from onepass.drafters.suffix import (
+    CorpusIndex,
+    Options,
+    RequestIndex,
+    SuffixDrafter,
+    build,
+    evidence_class,
+)
 
 
 def propose(tokens, budget=12, max_depth=64, corpus=None, **options) -> Draft:
@@ -76,6 +83,15 @@ def test_continuations_are_counted_into_a_frequency_tree():
     assert draft.tokens == [1, 2, 7, 3, 8, 4, 9, 23]
     assert draft.tree.parents == (-1, 0, 1, 0, 3, -1, 5, 6)
     assert draft.draft_probs is None
+
+
+def test_nodes_are_classed_by_match_length_and_share_of_their_siblings():
+    assert [evidence_class(n, 1.0) for n in (1, 2, 3, 4, 7, 8, 12)] == [2, 5, 5, 8, 8, 11, 11]
+    assert [evidence_class(1, s) for s in (0.1, 0.49, 0.5, 0.89, 0.9)] == [0, 0, 1, 1, 2]
+    draft = propose(COUNTED, max_depth=3, min_probability=0.0)
+    # The context ends in "100 101" (a 2-token match); shares 5/6, 3/5, 1, 2/5, 1, 1/6, 1, 1.
+    assert draft.classes == [4, 4, 5, 3, 5, 3, 5, 5]
+    assert draft.truncated(max_depth=1, max_nodes=8).classes == [4, 3]
 
 
 def test_budget_depth_and_probability_floor_cut_the_tree():

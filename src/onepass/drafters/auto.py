@@ -6,8 +6,9 @@ past proposals are scored counterfactually against the tokens that were actually
 deterministic drafts the verifier accepts exactly the longest draft path that matches the
 emitted tokens (greedy, and sampling too, see verify/multi_draft.py), so "would have been
 accepted" is known for every drafter's proposal, not only for the nodes that were scored. From
-these we keep, per drafter and per (depth, rank among siblings), a decaying estimate
-c = P(node accepted | its parent accepted).
+these we keep, per drafter and per (depth, slot), a decaying estimate c = P(node accepted | its
+parent accepted); the slot is the drafter's own class of the node's evidence (suffix: match
+length x share of the continuations) or, for drafters without one, its rank among siblings.
 
 The proposals are merged into one trie (a token path proposed by several drafters is one node,
 with the most optimistic of their estimates). A node's probability of being accepted is the
@@ -28,13 +29,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from onepass.drafters import DraftContext, build_drafter, options_class
-from onepass.drafters.base import DecodeState, Draft, Drafter
+from onepass.drafters.base import NODE_CLASSES, DecodeState, Draft, Drafter
 from onepass.models.base import ModelOutput
 from onepass.tree import Tree
 from onepass.verify.base import Verdict
 
 MAX_PENDING = 64  # proposals awaiting enough emitted tokens to be scored, per drafter
-MAX_RANK = 8  # siblings from this rank on share one estimate
+DEPTHS = 8  # nodes from this depth on share their estimates
 
 # Token Recycling's template inside auto: wider than its own default, because auto keeps only
 # the nodes whose measured acceptance pays for their rows.
@@ -59,8 +60,8 @@ class Options:
     decay: float = 0.97
     """Weight of the past in the acceptance estimates (closer to 1 = slower to adapt)."""
     prior_acceptance: float = 0.5
-    """Acceptance assumed for a first child before any evidence (halved per sibling rank),
-    worth two observations."""
+    """Acceptance assumed before any evidence for a first child (halved per sibling rank) or for
+    a node of average evidence, worth two observations."""
 
     def __post_init__(self) -> None:
         from onepass.drafters import METHODS
@@ -77,50 +78,63 @@ class Options:
 
 
 class NodeStats:
-    """Decaying counts of 'tried' and 'accepted' per (depth, sibling rank) of a drafter's nodes."""
+    """Decaying counts of 'tried' and 'accepted' per (depth, slot) of a drafter's nodes. The
+    slot is the node's class when the drafter classes its nodes (Draft.classes), else its rank
+    among its siblings."""
 
-    def __init__(self, depth: int, decay: float, prior: float) -> None:
+    def __init__(self, decay: float, priors: Sequence[float]) -> None:
         self.decay = decay
-        self.tried = [[2.0] * MAX_RANK for _ in range(depth + 1)]
-        self.accepted = [[2.0 * prior / 2**r for r in range(MAX_RANK)] for _ in range(depth + 1)]
+        self.tried = [[2.0] * len(priors) for _ in range(DEPTHS + 1)]
+        self.accepted = [[2.0 * p for p in priors] for _ in range(DEPTHS + 1)]
 
-    def _key(self, depth: int, rank: int) -> tuple[int, int]:
-        return min(depth, len(self.tried) - 1), min(rank, MAX_RANK - 1)
+    @classmethod
+    def for_ranks(cls, decay: float, prior: float) -> NodeStats:
+        """Priors halve with each sibling rank."""
+        return cls(decay, [prior / 2**r for r in range(NODE_CLASSES)])
 
-    def rate(self, depth: int, rank: int) -> float:
-        d, r = self._key(depth, rank)
-        return self.accepted[d][r] / self.tried[d][r]
+    @classmethod
+    def for_classes(cls, decay: float, prior: float) -> NodeStats:
+        """Priors follow the share of the siblings' evidence (the class modulo 3)."""
+        return cls(decay, [prior * (0.5, 1.0, 1.5)[c % 3] for c in range(NODE_CLASSES)])
 
-    def update(self, depth: int, rank: int, accepted: bool) -> None:
-        d, r = self._key(depth, rank)
-        self.tried[d][r] = self.decay * self.tried[d][r] + 1
-        self.accepted[d][r] = self.decay * self.accepted[d][r] + accepted
+    def rate(self, depth: int, slot: int) -> float:
+        d = min(depth, DEPTHS)
+        return self.accepted[d][slot] / self.tried[d][slot]
+
+    def update(self, depth: int, slot: int, accepted: bool) -> None:
+        d = min(depth, DEPTHS)
+        self.tried[d][slot] = self.decay * self.tried[d][slot] + 1
+        self.accepted[d][slot] = self.decay * self.accepted[d][slot] + accepted
 
 
-def sibling_ranks(tree: Tree) -> list[int]:
-    """Each node's index among its parent's children (in node order)."""
+def slots(draft: Draft) -> list[int]:
+    """Each node's statistics slot: its class if the drafter gave them, else its index among
+    its parent's children (in node order; ranks past the last slot share it)."""
+    if draft.classes is not None:
+        return draft.classes
     seen: dict[int, int] = {}
     ranks = []
-    for p in tree.parents:
-        ranks.append(seen.get(p, 0))
-        seen[p] = ranks[-1] + 1
+    for p in draft.tree.parents:
+        ranks.append(min(seen.get(p, 0), NODE_CLASSES - 1))
+        seen[p] = seen.get(p, 0) + 1
     return ranks
 
 
 def walk(draft: Draft, actual: Sequence[int]) -> list[tuple[int, int, bool]] | None:
     """Walk the draft tree along `actual` (the tokens emitted after the root): for every child
-    of a node on the matched path, (depth, rank, matched). None if `actual` runs out before the
+    of a node on the matched path, (depth, slot, matched). None if `actual` runs out before the
     walk can end (the proposal cannot be scored yet)."""
     children = draft.tree.children()
+    slot = slots(draft)
     events = []
     row, depth = 0, 0
     while children[row]:
         if depth >= len(actual):
             return None
         match = None
-        for rank, c in enumerate(children[row]):
+        for c in children[row]:
             hit = match is None and draft.tokens[c] == actual[depth]
-            events.append((depth + 1, rank, hit))
+            events.append((depth + 1, slot[c], hit))
             match = c if hit else match
         if match is None:
             break
@@ -143,11 +157,11 @@ class MergedTree:
     def add(self, draft: Draft, stats: NodeStats) -> None:
         node_of: list[int] = []
         tree = draft.tree
-        for token, p, depth, rank in zip(
-            draft.tokens, tree.parents, tree.depths, sibling_ranks(tree), strict=True
+        for token, p, depth, slot in zip(
+            draft.tokens, tree.parents, tree.depths, slots(draft), strict=True
         ):
             parent = -1 if p < 0 else node_of[p]
-            rate = stats.rate(depth, rank)
+            rate = stats.rate(depth, slot)
             node = self.index.get((parent, token))
             if node is None:
                 node = self.index[(parent, token)] = len(self.tokens)
@@ -198,9 +212,17 @@ def sub_drafter_config(method: str, max_nodes: int, context: DraftContext) -> tu
 @dataclass
 class Candidate:
     drafter: Drafter
-    stats: NodeStats
+    options: Options
     pending: deque = field(default_factory=lambda: deque(maxlen=MAX_PENDING))
     """(index of the first token after the root, draft) awaiting scoring."""
+    _stats: NodeStats | None = None
+
+    def stats(self, draft: Draft) -> NodeStats:
+        """The drafter's estimates, keyed by class or by rank as its first draft shows."""
+        if self._stats is None:
+            make = NodeStats.for_classes if draft.classes is not None else NodeStats.for_ranks
+            self._stats = make(self.options.decay, self.options.prior_acceptance)
+        return self._stats
 
 
 class AutoDrafter:
@@ -210,7 +232,7 @@ class AutoDrafter:
         self.candidates = {
             m: Candidate(
                 build_drafter(m, *sub_drafter_config(m, self.max_nodes, context)),
-                NodeStats(self.max_nodes, options.decay, options.prior_acceptance),
+                options,
             )
             for m in options.methods
         }
@@ -232,7 +254,7 @@ class AutoDrafter:
             draft = c.drafter.propose(state)
             if len(draft):
                 c.pending.append((len(state.tokens), draft))
-                merged.add(draft, c.stats)
+                merged.add(draft, c.stats(draft))
         best = self.best_draft(merged, state)
         self.rows = 1 + len(best)
         self.step_started = time.perf_counter()
@@ -277,8 +299,8 @@ class AutoDrafter:
             if events is None:
                 still.append((first_index, draft))
                 continue
-            for depth, rank, hit in events:
-                c.stats.update(depth, rank, hit)
+            for depth, slot, hit in events:
+                c.stats(draft).update(depth, slot, hit)
         c.pending = still
 
 

@@ -10,6 +10,8 @@ from torch import Tensor
 
 from onepass.tree import Tree
 
+NODE_CLASSES = 12  # room for Draft.classes (and for sibling ranks, which share the slots)
+
 if TYPE_CHECKING:
     from onepass.models.base import ModelOutput
     from onepass.verify.base import Verdict
@@ -29,12 +31,20 @@ class Draft:
     """Position of each aux row relative to the root."""
     aux_mask: Tensor | None = None
     """[m, 1 + n + m] bool: which rows (root, nodes, aux) each aux row attends to."""
+    classes: list[int] | None = None
+    """The drafter's own category of each node's evidence (< NODE_CLASSES), which the adaptive
+    drafter keys its acceptance estimates by; None = the node's rank among its siblings."""
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.tree):
             raise ValueError("a draft needs one parent per token")
         if self.draft_probs is not None and self.draft_probs.shape[0] != len(self.tokens):
             raise ValueError("draft_probs needs one row per token")
+        if self.classes is not None and (
+            len(self.classes) != len(self.tokens)
+            or not all(0 <= c < NODE_CLASSES for c in self.classes)
+        ):
+            raise ValueError(f"classes needs one value in 0..{NODE_CLASSES - 1} per token")
 
     @classmethod
     def empty(cls) -> Draft:
@@ -59,7 +69,8 @@ class Draft:
             -1 if self.tree.parents[i] < 0 else new_index[self.tree.parents[i]] for i in keep
         )
         probs = self.draft_probs[keep] if self.draft_probs is not None else None
-        return Draft([self.tokens[i] for i in keep], Tree(parents), probs)
+        classes = [self.classes[i] for i in keep] if self.classes is not None else None
+        return Draft([self.tokens[i] for i in keep], Tree(parents), probs, classes=classes)
 
 
 @dataclass

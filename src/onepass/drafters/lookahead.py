@@ -39,6 +39,7 @@ from onepass.drafters.base import DecodeState, Draft
 from onepass.models.base import ModelOutput
 from onepass.tree import Tree
 from onepass.verify.base import Verdict
+from onepass.verify.greedy import row_argmax
 
 if TYPE_CHECKING:
     from onepass.drafters import DraftContext
@@ -208,7 +209,7 @@ class LookaheadDrafter:
             last_rows = torch.cat([out.logits[:1], out.logits[1 + n : n + w]])
         else:
             last_rows = out.logits[-w:]  # [W, vocab] the last level's rows
-        new = last_rows.argmax(dim=-1).tolist()
+        new = row_argmax(last_rows)
         # Column n-grams, once every level above the new one holds model output (the reference
         # likewise waits for its fill phase).
         if self.iterations >= last:

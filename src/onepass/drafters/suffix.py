@@ -204,6 +204,14 @@ def read_corpus(path: str) -> list[str]:
     return docs
 
 
+def evidence_class(match_length: int, share: float) -> int:
+    """How strongly a node is backed, in 0..11: the longest suffix matched (1, 2-3, 4-7, 8+
+    tokens) x the node's share of its siblings' weight (< 1/2, < 9/10, more). Long matches
+    with one dominant continuation are copies in progress; short ones are guesses."""
+    length = 0 if match_length <= 1 else 1 if match_length <= 3 else 2 if match_length <= 7 else 3
+    return 3 * length + (0 if share < 0.5 else 1 if share < 0.9 else 2)
+
+
 class CountTrie:
     """Continuations counted with weights; node 0 is the root (the current last token)."""
 
@@ -227,8 +235,9 @@ class CountTrie:
             self.total[node] += weight
             node = child
 
-    def best(self, budget: int, min_probability: float) -> Draft:
-        """The `budget` highest-scoring nodes, best-first (see the module docstring)."""
+    def best(self, budget: int, min_probability: float, match_length: int = 1) -> Draft:
+        """The `budget` highest-scoring nodes, best-first (see the module docstring), classed
+        by evidence (see evidence_class)."""
         # (-score, depth, trie node, score, index of the parent in the draft): a min-heap.
         frontier: list[tuple[float, int, int, float, int]] = []
 
@@ -241,12 +250,17 @@ class CountTrie:
         push(0, 1.0, 0, -1)
         tokens: list[int] = []
         parents: list[int] = []
+        classes: list[int] = []
+        trie_nodes: list[int] = []  # draft node -> trie node
         while frontier and len(tokens) < budget:
             _, depth, node, score, parent = heapq.heappop(frontier)
             tokens.append(self.token[node])
             parents.append(parent)
+            trie_nodes.append(node)
+            up = 0 if parent < 0 else trie_nodes[parent]
+            classes.append(evidence_class(match_length, self.weight[node] / self.total[up]))
             push(node, score, depth, len(tokens) - 1)
-        return Draft(tokens, Tree(tuple(parents)))
+        return Draft(tokens, Tree(tuple(parents)), classes=classes)
 
 
 class SuffixDrafter:
@@ -265,16 +279,25 @@ class SuffixDrafter:
         if depth <= 0:
             return Draft.empty()
         self.index.sync(state.tokens)
+        request, found = self.matches()
         trie = CountTrie()
-        for continuation, weight in self.occurrences(depth):
+        for continuation, weight in self.occurrences(request, found, depth):
             trie.add(continuation, weight)
-        return trie.best(budget, self.options.min_probability)
+        longest = max(len(request), len(found))
+        return trie.best(budget, self.options.min_probability, longest)
 
-    def occurrences(self, depth: int) -> Iterator[tuple[list[int], float]]:
-        """(continuation, weight) of the gathered occurrences (rules 1-2 of the docstring)."""
+    def matches(self) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        """Occurrences of each suffix length of the context: in the request, in the corpus."""
         o, toks, corpus = self.options, self.index.tokens, self.corpus
         request = self.index.levels(o.max_match)
         found = corpus.levels(toks[: -o.max_match - 1 : -1]) if corpus is not None else []
+        return request, found
+
+    def occurrences(
+        self, request: list[list[int]], found: list[tuple[int, int]], depth: int
+    ) -> Iterator[tuple[list[int], float]]:
+        """(continuation, weight) of the gathered occurrences (rules 1-2 of the docstring)."""
+        o, corpus = self.options, self.corpus
         longest = max(len(request), len(found))
         seen: set[tuple[bool, int]] = set()  # (from the corpus?, position)
         for n in range(longest, o.min_match - 1, -1):
