@@ -34,8 +34,8 @@ class Options:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max")
 
 
-def find_match(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> np.ndarray:
-    """The continuation of the winning match (see module docstring); empty if none."""
+def find_match(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> tuple[int, np.ndarray]:
+    """(n, continuation) of the winning match (see module docstring); (0, empty) if none."""
     length = len(tokens)
     for n in range(min(max_n, length - 1), min_n - 1, -1):
         pattern = tokens[length - n :]
@@ -46,8 +46,8 @@ def find_match(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> np.ndarray
         starts = np.flatnonzero(hits)
         if starts.size:
             begin = int(starts[-1]) + n
-            return tokens[begin : begin + k]
-    return tokens[:0]
+            return n, tokens[begin : begin + k]
+    return 0, tokens[:0]
 
 
 class TokenBuffer:
@@ -82,7 +82,8 @@ class NgramDrafter:
             return Draft.empty()
         tokens = self.buffer.sync(state.tokens)
         o = self.options
-        return Draft.chain(find_match(tokens, o.prompt_lookup_min, o.prompt_lookup_max, k).tolist())
+        _, continuation = find_match(tokens, o.prompt_lookup_min, o.prompt_lookup_max, k)
+        return Draft.chain(continuation.tolist())
 
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
         pass
