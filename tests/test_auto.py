@@ -30,37 +30,30 @@ def test_slots_are_sibling_ranks_unless_the_drafter_classes_its_nodes():
 
 
 def test_node_stats_decay_towards_evidence_per_depth_and_slot():
-    stats = NodeStats.for_ranks(decay=0.99, prior=0.5)
+    stats = NodeStats.for_ranks(decay=0.5, prior=0.5)
     assert stats.rate(1, 0) == 0.5 and stats.rate(1, 1) == 0.25  # prior halves per rank
-    assert stats.rate(3, 0) == 0.5  # never tried: the prior, at any depth
     classed = NodeStats.for_classes(decay=0.5, prior=0.5)
     assert [classed.rate(1, c) for c in (0, 1, 2, 3)] == [0.25, 0.5, 0.75, 0.25]
-    for _ in range(300):
+    for _ in range(20):
         stats.update(1, 0, True)
         stats.update(1, 1, False)
-    assert stats.rate(1, 0) > 0.97 and stats.rate(1, 1) < 0.01
-    # Depth 2 has no evidence of its own yet: it borrows depth 1's estimate, not the prior.
-    assert stats.rate(2, 0) == stats.rate(1, 0)
-    for _ in range(300):
         stats.update(2, 0, False)
-    assert stats.rate(2, 0) < 0.03 and stats.rate(1, 0) > 0.97
+    assert stats.rate(1, 0) > 0.99 and stats.rate(1, 1) < 0.01 and stats.rate(2, 0) < 0.01
+    assert stats.rate(3, 0) == 0.5  # never tried: still the prior
     assert stats.rate(99, 0) == stats.rate(8, 0)  # deeper nodes share the last estimate
 
 
-class FixedRates:
-    """Stand-in for NodeStats with given estimates (0.5 elsewhere)."""
-
-    def __init__(self, rates: dict[tuple[int, int], float]) -> None:
-        self.rates = rates
-
-    def rate(self, depth: int, slot: int) -> float:
-        return self.rates.get((depth, slot), 0.5)
+def stats_with(rates: dict[tuple[int, int], float]) -> NodeStats:
+    stats = NodeStats.for_ranks(decay=0.5, prior=0.5)
+    for (d, r), rate in rates.items():
+        stats.tried[d][r], stats.accepted[d][r] = 1.0, rate
+    return stats
 
 
 def test_merged_tree_shares_common_paths_and_keeps_the_best_estimate():
     merged = MergedTree()
-    merged.add(Draft.chain([5, 6, 7]), FixedRates({(1, 0): 0.5, (2, 0): 0.5, (3, 0): 0.5}))
-    merged.add(Draft([5, 9, 6], Tree((-1, -1, 0))), FixedRates({(1, 0): 0.8, (1, 1): 0.1}))
+    merged.add(Draft.chain([5, 6, 7]), stats_with({(1, 0): 0.5, (2, 0): 0.5, (3, 0): 0.5}))
+    merged.add(Draft([5, 9, 6], Tree((-1, -1, 0))), stats_with({(1, 0): 0.8, (1, 1): 0.1}))
     assert merged.tokens == [5, 6, 7, 9] and merged.parents == [-1, 0, 1, -1]
     assert merged.rates[0] == 0.8  # token 5 at depth 1: the better of 0.5 and 0.8
     assert merged.probabilities() == [0.8, 0.8 * 0.5, 0.8 * 0.5 * 0.5, 0.1]
@@ -82,7 +75,10 @@ def test_every_best_first_prefix_is_a_tree(spec):
     """Random trees with random estimates: any prefix of the ranking keeps every parent."""
     parents = tuple(p % (i + 1) - 1 for i, (p, _, _) in enumerate(spec))
     tokens = [t for _, t, _ in spec]
-    stats = FixedRates({(min(i, 8), i % 8): rate for i, (_, _, rate) in enumerate(spec)})
+    stats = NodeStats.for_ranks(decay=0.5, prior=0.5)
+    for i, (_, _, rate) in enumerate(spec):
+        d, r = min(i, 8), i % 8
+        stats.tried[d][r], stats.accepted[d][r] = 1.0, rate
     merged = MergedTree()
     merged.add(Draft(tokens, Tree(parents)), stats)
     ranked = [node for node, _ in merged.best_first(max_depth=99)]
@@ -107,7 +103,7 @@ def state(max_depth: int = 10) -> DecodeState:
 
 def chain_tree(n: int, rate: float) -> MergedTree:
     merged = MergedTree()
-    merged.add(Draft.chain(list(range(10, 10 + n))), FixedRates({(d, 0): rate for d in range(9)}))
+    merged.add(Draft.chain(list(range(10, 10 + n))), stats_with({(d, 0): rate for d in range(9)}))
     return merged
 
 

@@ -36,7 +36,6 @@ from onepass.verify.base import Verdict
 
 MAX_PENDING = 64  # proposals awaiting enough emitted tokens to be scored, per drafter
 DEPTHS = 8  # nodes from this depth on share their estimates
-PRIOR_WEIGHT = 2.0  # observations a prior (or the shallower level's estimate) is worth
 
 # Token Recycling's template inside auto: wider than its own default, because auto keeps only
 # the nodes whose measured acceptance pays for their rows.
@@ -81,15 +80,12 @@ class Options:
 class NodeStats:
     """Decaying counts of 'tried' and 'accepted' per (depth, slot) of a drafter's nodes. The
     slot is the node's class when the drafter classes its nodes (Draft.classes), else its rank
-    among its siblings. Estimates are smoothed towards the same slot one level up (towards the
-    slot's prior at depth 1), with the weight of PRIOR_WEIGHT observations, so a deep slot
-    seen rarely borrows its shallower neighbour's evidence instead of a fixed guess."""
+    among its siblings."""
 
     def __init__(self, decay: float, priors: Sequence[float]) -> None:
         self.decay = decay
-        self.priors = list(priors)
-        self.tried = [[0.0] * len(priors) for _ in range(DEPTHS + 1)]
-        self.accepted = [[0.0] * len(priors) for _ in range(DEPTHS + 1)]
+        self.tried = [[2.0] * len(priors) for _ in range(DEPTHS + 1)]
+        self.accepted = [[2.0 * p for p in priors] for _ in range(DEPTHS + 1)]
 
     @classmethod
     def for_ranks(cls, decay: float, prior: float) -> NodeStats:
@@ -102,11 +98,8 @@ class NodeStats:
         return cls(decay, [prior * (0.5, 1.0, 1.5)[c % 3] for c in range(NODE_CLASSES)])
 
     def rate(self, depth: int, slot: int) -> float:
-        estimate = self.priors[slot]
-        for d in range(1, min(depth, DEPTHS) + 1):
-            tried, accepted = self.tried[d][slot], self.accepted[d][slot]
-            estimate = (accepted + PRIOR_WEIGHT * estimate) / (tried + PRIOR_WEIGHT)
-        return estimate
+        d = min(depth, DEPTHS)
+        return self.accepted[d][slot] / self.tried[d][slot]
 
     def update(self, depth: int, slot: int, accepted: bool) -> None:
         d = min(depth, DEPTHS)
