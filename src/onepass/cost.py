@@ -48,7 +48,7 @@ class CostModel:
 
 
 def measure(
-    backend: Backend, sizes: tuple[int, ...] = SIZES, context: int = 256, reps: int = 5
+    backend: Backend, sizes: tuple[int, ...] = SIZES, context: int = 256, reps: int = 7
 ) -> CostModel:
     """Time forwards of k rows (tree-shaped: a chain, as any mask costs the same) after a
     `context`-token prefill. Clobbers the backend's KV cache: call between requests."""
@@ -57,18 +57,19 @@ def measure(
     backend.prefill(torch.arange(context, device=device) % 1000 + 100)
     for _ in range(2):  # warm-up: first calls pay for allocation and thread start
         backend.forward(torch.full((1,), 5, device=device), torch.tensor([context]), None)
-    seconds = []
-    for k in sizes:
-        ids = torch.full((k,), 7, device=device)
-        positions = torch.arange(context, context + k, device=device)
-        times = []
-        for _ in range(reps):
+    times: dict[int, list[float]] = {k: [] for k in sizes}
+    # Sizes interleaved within each repetition: a transient slowdown of a shared machine then
+    # hits every size alike instead of bending the curve's shape.
+    for _ in range(reps):
+        for k in sizes:
+            ids = torch.full((k,), 7, device=device)
+            positions = torch.arange(context, context + k, device=device)
             start = time.perf_counter()
             backend.forward(ids, positions, None)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        seconds.append(sorted(times)[reps // 2])
+            times[k].append(time.perf_counter() - start)
+    seconds = [sorted(times[k])[reps // 2] for k in sizes]
     # More rows never cost less: a dip is noise, and would lure drafters into larger trees.
     return CostModel(tuple(sizes), tuple(accumulate(seconds, max)))
 
