@@ -37,6 +37,8 @@ Tree rule:
    12: forward cost is nearly flat up to ~12 rows) is used or the score falls below
    min_probability. Scores never grow along a path, so parents come before children and
    siblings appear in decreasing frequency.
+5. Each node carries an evidence class (evidence_class: match length x share of its siblings'
+   weight), by which the adaptive drafter learns how often such nodes are accepted.
 """
 
 from __future__ import annotations
