@@ -137,3 +137,13 @@ def test_draft_classes_are_checked():
         Draft([1, 2], Tree.chain(2), classes=[0])
     with pytest.raises(ValueError, match="classes"):
         Draft([1], Tree.chain(1), classes=[NODE_CLASSES])
+
+
+def test_options_reject_drafters_that_cannot_be_merged():
+    from onepass.drafters.auto import Options
+
+    with pytest.raises(ValueError, match="methods must be drafters among"):
+        Options(methods=["suffix", "lookahead"])  # its window rows are not tree nodes
+    with pytest.raises(ValueError, match="methods must be drafters among"):
+        Options(methods=[])
+    assert Options(methods=["recycling"]).methods == ["recycling"]
