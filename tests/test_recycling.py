@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from onepass.config import ConfigError, SpeculativeConfig
 from onepass.drafters import DraftContext, build_drafter
 from onepass.drafters.base import DecodeState, Draft
-from onepass.drafters.recycling import DEFAULT_TREE, Options, RecyclingDrafter, Template
+from onepass.drafters.recycling import (
+    DEFAULT_TREE,
+    RANK_CLASSES,
+    Options,
+    PairTable,
+    RecyclingDrafter,
+    Template,
+    row_topk,
+)
 from onepass.models.base import ModelOutput
 from onepass.tree import Tree
 from onepass.verify.base import Verdict
@@ -39,9 +48,17 @@ def logits_ranking(*rankings: list[int]) -> torch.Tensor:
     return out
 
 
-def step(d: RecyclingDrafter, root: int, draft: Draft, path: list[int], logits: torch.Tensor):
-    """Pretend the engine proposed `draft` after `root` and the target returned `logits`."""
-    d.root = root
+def step(
+    d: RecyclingDrafter,
+    root: int,
+    draft: Draft,
+    path: list[int],
+    logits: torch.Tensor,
+    before: int = -1,
+):
+    """Pretend the engine proposed `draft` after `before`, `root` and the target returned
+    `logits`."""
+    d.root, d.before_root = root, before
     d.observe(draft, Verdict(path, [0] * (len(path) + 1)), ModelOutput(logits))
 
 
@@ -178,9 +195,10 @@ def test_matrix_persistence_across_requests(persist):
     d = drafter(tree=[[0]], persist=persist)
     d.start([0, 1])
     assert len(d.propose(state([0, 1]))) == 0
-    step(d, 1, Draft.empty(), [], logits_ranking([2, 3, 4]))
+    step(d, 1, Draft.empty(), [], logits_ranking([2, 3, 4]), before=0)  # matrix and pair
     assert d.propose(state([0, 1])).tokens == [2]
-    d.start([0, 1])  # a new request
+    assert d.propose(state([0, 1])).classes == [RANK_CLASSES]
+    d.start([0, 1])  # a new request: both memories kept, or both forgotten
     assert d.propose(state([0, 1])).tokens == ([2] if persist else [])
 
 
@@ -188,3 +206,89 @@ def test_observe_before_any_proposal_is_harmless():
     d = drafter()
     d.observe(Draft.empty(), Verdict([], [3]), ModelOutput(logits_ranking([1, 2, 3])))
     assert not d.filled.any()
+
+
+def test_rows_are_also_stored_under_their_two_token_context():
+    d = drafter()
+    draft = Draft([5, 6, 7], Tree((-1, 0, -1)))
+    logits = logits_ranking([1, 2, 3], [4, 5, 6], [7, 8, 9], [9, 10, 11])
+    step(d, 4, draft, [0], logits, before=2)
+    assert d.pairs.get(2, 4).tolist() == [1, 2, 3]  # root row: token before the root, root
+    assert d.pairs.get(4, 5).tolist() == [4, 5, 6]  # node rows: parent token, node token
+    assert d.pairs.get(5, 6).tolist() == [7, 8, 9]
+    assert d.pairs.get(4, 7).tolist() == [9, 10, 11]
+    assert d.pairs.get(3, 4) is None  # another context of the same token
+
+
+def test_no_pair_for_a_root_without_a_predecessor():
+    d = drafter()
+    step(d, 4, Draft.empty(), [], logits_ranking([1, 2, 3]))
+    assert d.matrix[4].tolist() == [1, 2, 3]
+    assert not (d.pairs.keys >= 0).any()
+
+
+def test_a_seen_two_token_context_wins_over_the_matrix():
+    d = drafter(tree=[[0], [1], [0, 0]])
+    fill(d, {1: [2, 3, 4], 2: [5, 6, 7]})
+    d.pairs.put(np.array([0]), np.array([1]), np.array([[9, 10, 11]]))  # after 0, 1: 9, 10, 11
+    d.pairs.put(np.array([1]), np.array([9]), np.array([[8, 8, 8]]))
+    draft = d.propose(state([0, 1]))
+    assert draft.tokens == [9, 10, 8]  # root (0, 1) and node (1, 9) both from the pair table
+    assert draft.classes == [RANK_CLASSES, RANK_CLASSES + 1, RANK_CLASSES]
+    other = d.propose(state([3, 1]))  # context (3, 1) never seen: the matrix, then (1, 2)
+    assert other.tokens == [2, 3, 5]
+    assert other.classes == [0, 1, 0]
+
+
+def test_pair_context_can_be_switched_off():
+    d = drafter(tree=[[0]], pair_context=False)
+    fill(d, {1: [2, 3, 4]})
+    step(d, 1, Draft.empty(), [], logits_ranking([5, 6, 7]), before=0)
+    assert d.pairs is None
+    assert d.propose(state([0, 1])).tokens == [5]
+
+
+def test_pair_table_newest_wins_and_collisions_replace():
+    table = PairTable(VOCAB, 2, slots_log2=1)  # two slots: contexts must collide
+    contexts = [(a, b) for a in range(VOCAB) for b in range(VOCAB)]
+    prev = np.array([a for a, _ in contexts])
+    tokens = np.array([b for _, b in contexts])
+    rows = np.arange(2 * len(contexts)).reshape(-1, 2)
+    table.put(prev, tokens, rows)
+    stored = [(a, b) for a, b in contexts if table.get(a, b) is not None]
+    assert len(stored) == 2  # one context per slot ...
+    for a, b in stored:  # ... the last one put there, with its own row
+        j = contexts.index((a, b))
+        assert table.get(a, b).tolist() == rows[j].tolist()
+        later = [c for c in contexts[j + 1 :] if slot_of(table, c) == slot_of(table, (a, b))]
+        assert not later
+    table.put(np.array([3, 3]), np.array([4, 4]), np.array([[1, 1], [2, 2]]))
+    assert table.get(3, 4).tolist() == [2, 2]  # a repeated context: the later row wins
+    table.clear()
+    assert table.get(3, 4) is None
+
+
+def slot_of(table: PairTable, context: tuple[int, int]) -> int:
+    """Which slot a context hashes to (by elimination: put it alone into an empty copy)."""
+    probe = PairTable(table.vocab_size, 2, slots_log2=64 - table.shift)
+    probe.put(np.array([context[0]]), np.array([context[1]]), np.zeros((1, 2), dtype=np.int32))
+    return int(np.flatnonzero(probe.keys >= 0)[0])
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000, 300, 20])  # whole blocks, a tail, few blocks
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_row_topk_matches_torch_topk(vocab, k):
+    g = torch.Generator().manual_seed(vocab + k)
+    logits = torch.randn(11, vocab, generator=g)
+    logits[1, :] = logits[1, 0]  # a row of ties
+    logits[2, -5:] = 100.0 + torch.arange(5.0)  # the largest in the tail
+    logits[3, :: vocab // 7] = 50.0  # the largest spread over many blocks, tied
+    crowd = min(100, vocab - 7)
+    logits[4, 7 : 7 + crowd] = 20.0 + torch.arange(float(crowd))  # the largest in one block
+    logits[5, : vocab // 2] = float("-inf")
+    ours = row_topk(logits, k)
+    expected = torch.topk(logits, k, dim=-1)
+    assert torch.equal(logits.gather(1, ours), expected.values)  # same values, same order
+    assert all(len(set(r.tolist())) == k for r in ours)  # k distinct tokens
+    untied = [0, 2, 4, 5, *range(6, 11)]
+    assert torch.equal(ours[untied], expected.indices[untied])

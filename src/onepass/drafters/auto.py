@@ -94,8 +94,9 @@ class NodeStats:
 
     @classmethod
     def for_classes(cls, decay: float, prior: float) -> NodeStats:
-        """Priors follow the share of the siblings' evidence (the class modulo 3)."""
-        return cls(decay, [prior * (0.5, 1.0, 1.5)[c % 3] for c in range(NODE_CLASSES)])
+        """One prior for every class: what a class means is the drafter's, and evidence
+        outweighs the prior within a few steps."""
+        return cls(decay, [prior] * NODE_CLASSES)
 
     def rate(self, depth: int, slot: int) -> float:
         d = min(depth, DEPTHS)

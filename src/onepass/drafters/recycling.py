@@ -11,6 +11,13 @@ candidate tokens every target forward produces and plain decoding throws away.
   r_{d-1}). Nodes whose parent's row was never filled are pruned (their token is unknown).
 * Drafts are deterministic (draft_probs=None); the verifier is chosen centrally.
 * M persists across requests by default: it is a model-wide bigram memory, the method's point.
+* Beyond the paper, a second memory keys the same top-k by the two-token context (previous
+  token, token): a hash table with one entry per slot, the newest row winning. A node reads its
+  candidates there when its context (parent and grandparent, or the root and the token before
+  it) was seen, else from M. Two tokens of context predict better than one (standalone, 35
+  built-in prompts, interleaved: mean acceptance length 1.59 -> 1.66 at 8 rows, 1.17x -> 1.22x).
+* Each node's class (Draft.classes) is its rank among its parent's candidates, plus
+  RANK_CLASSES when it came from the two-token table, so `auto` can trust those apart.
 
 Default template (DEFAULT_TREE, 10 nodes, depth 4): the top-4 candidates of the root, top-2
 under the best one, the best child of candidates 1 and 2, and a top-1 chain to depth 4. On this
@@ -30,14 +37,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from onepass.drafters.base import DecodeState, Draft
+from onepass.drafters.base import NODE_CLASSES, DecodeState, Draft
 from onepass.models.base import ModelOutput
 from onepass.tree import Tree
 from onepass.verify.base import Verdict
 
 if TYPE_CHECKING:
     from onepass.drafters import DraftContext
+
+RANK_CLASSES = NODE_CLASSES // 2  # node classes: rank (capped) + RANK_CLASSES if paired
+PAIR_SLOTS_LOG2 = 18  # 262k two-token contexts: 8 MB of candidates at top_k = 8
 
 # Medusa-style paths of child ranks (column indices into M's rows), parents before children.
 DEFAULT_TREE: tuple[tuple[int, ...], ...] = (
@@ -65,6 +76,9 @@ class Options:
     breadth-first order that survive pruning."""
     persist: bool = True
     """Keep the adjacency matrix across requests (False: every request starts empty)."""
+    pair_context: bool = True
+    """Also remember candidates by the two-token context (previous token, token) and prefer
+    them when that context was seen (False: the paper's one-token matrix only)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= 64:
@@ -91,6 +105,36 @@ class Template:
         return len(self.parents)
 
 
+class PairTable:
+    """Top-k candidates keyed by a two-token context, in a fixed-size direct-mapped hash table:
+    a colliding newer context replaces the older one, so memory stays bounded across requests."""
+
+    _MULTIPLIER = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads keys over the top bits
+
+    def __init__(self, vocab_size: int, top_k: int, slots_log2: int = PAIR_SLOTS_LOG2) -> None:
+        self.vocab_size = vocab_size
+        self.shift = 64 - slots_log2
+        self.keys = np.full(1 << slots_log2, -1, dtype=np.int64)  # -1 = empty
+        self.rows = np.zeros((1 << slots_log2, top_k), dtype=np.int32)
+
+    def clear(self) -> None:
+        self.keys[:] = -1
+
+    def get(self, prev: int, token: int) -> np.ndarray | None:
+        key = prev * self.vocab_size + token
+        slot = ((key * self._MULTIPLIER) & 0xFFFFFFFFFFFFFFFF) >> self.shift
+        return self.rows[slot] if self.keys[slot] == key else None
+
+    def put(self, prev: np.ndarray, tokens: np.ndarray, rows: np.ndarray) -> None:
+        """Store rows[j] under (prev[j], tokens[j]) ([r], [r], [r, k]); a later j wins a slot."""
+        keys = prev.astype(np.int64) * self.vocab_size + tokens
+        slots = (keys.astype(np.uint64) * np.uint64(self._MULTIPLIER)) >> np.uint64(self.shift)
+        _, first_from_end = np.unique(slots[::-1], return_index=True)
+        last = len(slots) - 1 - first_from_end
+        self.keys[slots[last]] = keys[last]
+        self.rows[slots[last]] = rows[last]
+
+
 class RecyclingDrafter:
     def __init__(self, options: Options, vocab_size: int, max_nodes: int | None = None) -> None:
         self.options = options
@@ -99,21 +143,36 @@ class RecyclingDrafter:
         # int32: 49k tokens x 8 candidates = 1.5 MB, as in the paper.
         self.matrix = np.zeros((vocab_size, options.top_k), dtype=np.int32)  # [vocab, k]
         self.filled = np.zeros(vocab_size, dtype=bool)  # [vocab]
+        self.pairs = PairTable(vocab_size, options.top_k) if options.pair_context else None
         self.root: int | None = None
+        self.before_root = -1  # the token before the root (-1 = none)
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         self.root = None
         if not self.options.persist:
             self.filled[:] = False  # stale rows are never read while unfilled
+            if self.pairs is not None:
+                self.pairs.clear()
+
+    def candidates(self, before: int, token: int) -> tuple[np.ndarray | None, bool]:
+        """The candidates after `token` preceded by `before` (-1 = none), and whether they came
+        from the two-token table; None if `token` was never seen."""
+        if self.pairs is not None and before >= 0:
+            row = self.pairs.get(before, token)
+            if row is not None:
+                return row, True
+        return (self.matrix[token], False) if self.filled[token] else (None, False)
 
     def propose(self, state: DecodeState) -> Draft:
         root = self.root = state.tokens[-1]
+        self.before_root = state.tokens[-2] if len(state.tokens) > 1 else -1
         limit = min(self.max_nodes, state.max_draft_tokens)
         if limit <= 0 or state.max_depth <= 0:
             return Draft.empty()
         t = self.template
         tokens: list[int] = []
         parents: list[int] = []
+        classes: list[int] = []
         node_of: list[int] = []  # template node -> draft node, -1 = pruned
         for parent, rank, depth in zip(t.parents, t.ranks, t.depths, strict=True):
             # Breadth-first order: a node's parent has been placed (or pruned) already.
@@ -121,16 +180,26 @@ class RecyclingDrafter:
             if parent >= 0 and parent_node < 0:
                 node_of.append(-1)  # the parent was pruned: its whole subtree goes too
                 continue
-            parent_token = root if parent < 0 else tokens[parent_node]
-            if depth > state.max_depth or not self.filled[parent_token]:
+            if depth > state.max_depth:
+                node_of.append(-1)
+                continue
+            if parent_node < 0:
+                parent_token, before = root, self.before_root
+            else:
+                grandparent = parents[parent_node]
+                parent_token = tokens[parent_node]
+                before = root if grandparent < 0 else tokens[grandparent]
+            row, paired = self.candidates(before, parent_token)
+            if row is None:
                 node_of.append(-1)
                 continue
             node_of.append(len(tokens))
-            tokens.append(int(self.matrix[parent_token, rank]))
+            tokens.append(int(row[rank]))
             parents.append(parent_node)
+            classes.append(min(rank, RANK_CLASSES - 1) + RANK_CLASSES * paired)
             if len(tokens) == limit:
                 break
-        return Draft(tokens, Tree(tuple(parents)))
+        return Draft(tokens, Tree(tuple(parents)), classes=classes)
 
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
         if self.root is None:
@@ -138,8 +207,14 @@ class RecyclingDrafter:
         n = len(draft)
         row_tokens = np.array([self.root, *draft.tokens], dtype=np.int64)  # [n + 1]
         rows = update_order(n, verdict.path)  # in increasing priority
-        top = torch.topk(out.logits[: n + 1], self.options.top_k, dim=-1).indices  # [n + 1, k]
-        self.update(row_tokens[rows], top.cpu().numpy()[rows])
+        top = row_topk(out.logits[: n + 1], self.options.top_k).cpu().numpy()[rows]  # [n + 1, k]
+        self.update(row_tokens[rows], top)
+        if self.pairs is not None:
+            # Each row's context: the token before the root, or the node's parent.
+            parents = np.array(draft.tree.parents, dtype=np.int64)
+            before = np.concatenate([[self.before_root], row_tokens[parents + 1]])[rows]
+            seen = before >= 0
+            self.pairs.put(before[seen], row_tokens[rows][seen], top[seen])
 
     def update(self, row_tokens: np.ndarray, top: np.ndarray) -> None:
         """M[row_tokens[j]] = top[j] ([r] and [r, k]); for repeated tokens the last row wins."""
@@ -147,6 +222,27 @@ class RecyclingDrafter:
         last = len(row_tokens) - 1 - first_from_end
         self.matrix[row_tokens[last]] = top[last]
         self.filled[row_tokens[last]] = True
+
+
+def row_topk(logits: Tensor, k: int, block: int = 128) -> Tensor:
+    """Indices of each row's k largest logits, largest first ([n, vocab] -> [n, k]), as
+    torch.topk up to the order of ties. Each of the k largest lies in one of the k blocks with
+    the largest maxima (or in the tail past the last whole block), so only those are searched:
+    ~0.2 ms instead of torch.topk's ~0.9 ms for 11 rows of a 49k vocabulary on this CPU."""
+    n, vocab = logits.shape
+    blocks = vocab // block
+    if blocks <= k:
+        return torch.topk(logits, k, dim=-1).indices
+    head = logits[:, : blocks * block].reshape(n, blocks, block)
+    best = head.amax(dim=-1).topk(k, dim=-1).indices  # [n, k] blocks
+    within = torch.arange(block, device=logits.device)
+    candidates = head[torch.arange(n, device=logits.device)[:, None], best].reshape(n, -1)
+    index = (best[..., None] * block + within).reshape(n, -1)  # [n, k * block]
+    if blocks * block < vocab:
+        tail = torch.arange(blocks * block, vocab, device=logits.device).expand(n, -1)
+        candidates = torch.cat([candidates, logits[:, blocks * block :]], dim=1)
+        index = torch.cat([index, tail], dim=1)
+    return index.gather(1, candidates.topk(k, dim=-1).indices)
 
 
 def update_order(n: int, path: Sequence[int]) -> list[int]:
