@@ -97,8 +97,8 @@ class FakeAuto:
         self.cost, self.time_scale, self.max_nodes = cost, 1.0, 16
 
 
-def state(max_depth: int = 10) -> DecodeState:
-    return DecodeState([1, 2, 3], 2, max_draft_tokens=32, max_depth=max_depth)
+def state(max_depth: int = 10, context: int = 3) -> DecodeState:
+    return DecodeState([1] * context, 2, max_draft_tokens=32, max_depth=max_depth)
 
 
 def chain_tree(n: int, rate: float) -> MergedTree:
@@ -122,6 +122,13 @@ def test_draft_stops_where_the_next_node_costs_more_than_it_brings():
     # 1, 1.36, 1.46, 1.44 for N = 0..3, so two nodes.
     linear = CostModel((1, 32), (1.0, 4.1))
     assert len(FakeAuto(linear).best_draft(chain_tree(8, 0.5), state())) == 2
+
+
+def test_draft_is_shorter_after_a_long_context():
+    # Flat after 100 tokens; after 1100, t(k) = 1 + 0.1 (k - 1) as above: two nodes.
+    curve = CostModel((1, 32), (1.0, 1.0), 100, (1.0, 4.1), 1100)
+    assert len(FakeAuto(curve).best_draft(chain_tree(8, 0.5), state(context=100))) == 8
+    assert len(FakeAuto(curve).best_draft(chain_tree(8, 0.5), state(context=1100))) == 2
 
 
 def test_draft_respects_max_depth_and_the_row_limit():

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from onepass.cost import cached_cost_model, measure
+from onepass.cost import CostModel, cached_cost_model, measure
 
 
 class SleepyBackend:
@@ -31,6 +31,39 @@ def test_measured_curve_never_decreases():
     curve = measure(SleepyBackend(), sizes=(1, 2, 4), context=8, reps=3)
     assert curve.seconds[0] < curve.seconds[1]
     assert curve.seconds[2] == curve.seconds[1]  # the dip at 4 rows is lifted to t(2)
+
+
+class AttentionBackend:
+    """A forward of k rows after c cached tokens sleeps 1 ms + k * c * 5 us."""
+
+    max_len = 200
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        self.context = ids.shape[0]
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: None) -> None:
+        time.sleep(0.001 + ids.shape[0] * self.context * 5e-6)
+
+
+def test_curve_is_measured_after_a_short_and_a_long_context():
+    curve = measure(AttentionBackend(), sizes=(1, 4), context=20, reps=3, long_context=1000)
+    assert (curve.context, curve.long_context) == (20, 195)  # clamped to the backend's room
+    assert curve.long_seconds[1] - curve.long_seconds[0] > 2 * (curve.seconds[1] - curve.seconds[0])
+    assert curve(4, 195) > curve(4, 20) == curve(4)
+    small = measure(AttentionBackend(), sizes=(1, 4), context=20, reps=1, long_context=10)
+    assert small.long_seconds is None and small(4, 500) == small(4)
+
+
+def test_cost_is_linear_in_rows_and_context():
+    curve = CostModel((1, 5), (1.0, 2.0), 100, (2.0, 6.0), 300)
+    assert curve(3) == 1.5
+    assert curve(3, 100) == 1.5 and curve(3, 300) == 4.0
+    assert curve(3, 200) == 2.75  # halfway between the contexts
+    assert curve(3, 500) == 6.5  # extrapolated: attention is linear in the context
+    assert curve(9, 300) == 10.0  # and past the largest size
+    assert CostModel.from_dict(curve.as_dict()) == curve
+    old = {"sizes": [1, 5], "seconds": [1.0, 2.0]}  # a cache entry without a long curve
+    assert CostModel.from_dict(old)(3, 1000) == 1.5
 
 
 def test_curve_is_cached_per_backend_revision(tmp_path):

@@ -2,7 +2,8 @@
 
 Speculation pays only when the expected tokens per step grow faster than t(k). On a CPU t(k)
 is far from flat (design.md §6), so drafters are sized by it instead of by a fixed k. The curve
-is measured once per model and machine (a few seconds) and cached on disk.
+is measured once per model and machine (after a short and a long context: attention makes
+extra rows dearer as the context grows; ~20 s) and cached on disk.
 """
 
 from __future__ import annotations
@@ -26,34 +27,88 @@ SIZES = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 17, 20, 24, 32)  # 16 -> 17: MKL's pa
 class CostModel:
     sizes: tuple[int, ...]
     seconds: tuple[float, ...]
-    """Median forward time for each size, measured over a short committed context."""
+    """Median forward time for each size, measured after a short committed context."""
+    context: int = 0
+    """That short context's length."""
+    long_seconds: tuple[float, ...] | None = None
+    """The same sizes after a long context (None: not measured). Attention's cost grows with
+    the context, and the more so the more rows: on this CPU t(16) / t(1) is ~1.5 after 256
+    tokens and ~1.7 after 700."""
+    long_context: int = 0
 
-    def __call__(self, rows: int) -> float:
-        """Interpolated (linearly; extrapolated past the largest size) seconds for `rows`."""
-        sizes, secs = self.sizes, self.seconds
-        if rows <= sizes[0]:
-            return secs[0]
-        i = bisect_left(sizes, rows)
-        if i == len(sizes):
-            i -= 1
-        k0, k1, t0, t1 = sizes[i - 1], sizes[i], secs[i - 1], secs[i]
-        return t0 + (t1 - t0) * (rows - k0) / (k1 - k0)
+    def __call__(self, rows: int, context: int | None = None) -> float:
+        """Seconds for `rows` after `context` committed tokens (None = the short context):
+        linear in rows between measured sizes and in the context between the two contexts
+        (extrapolated past the largest size and the long context, as attention is linear)."""
+        short = _interpolate(self.sizes, self.seconds, rows)
+        if context is None or self.long_seconds is None:
+            return short
+        long = _interpolate(self.sizes, self.long_seconds, rows)
+        return short + (long - short) * (context - self.context) / (
+            self.long_context - self.context
+        )
 
     def relative(self, rows: int) -> float:
-        """t(rows) / t(1)."""
+        """t(rows) / t(1), after the short context."""
         return self(rows) / self.seconds[0]
 
     def as_dict(self) -> dict:
-        return {"sizes": list(self.sizes), "seconds": list(self.seconds)}
+        return {
+            "sizes": list(self.sizes),
+            "seconds": list(self.seconds),
+            "context": self.context,
+            "long_seconds": None if self.long_seconds is None else list(self.long_seconds),
+            "long_context": self.long_context,
+        }
+
+    @classmethod
+    def from_dict(cls, entry: dict) -> CostModel:
+        long_seconds = entry.get("long_seconds")
+        return cls(
+            tuple(entry["sizes"]),
+            tuple(entry["seconds"]),
+            entry.get("context", 0),
+            None if long_seconds is None else tuple(long_seconds),
+            entry.get("long_context", 0),
+        )
+
+
+def _interpolate(sizes: tuple[int, ...], secs: tuple[float, ...], rows: int) -> float:
+    if rows <= sizes[0]:
+        return secs[0]
+    i = bisect_left(sizes, rows)
+    if i == len(sizes):
+        i -= 1
+    k0, k1, t0, t1 = sizes[i - 1], sizes[i], secs[i - 1], secs[i]
+    return t0 + (t1 - t0) * (rows - k0) / (k1 - k0)
 
 
 def measure(
-    backend: Backend, sizes: tuple[int, ...] = SIZES, context: int = 256, reps: int = 7
+    backend: Backend,
+    sizes: tuple[int, ...] = SIZES,
+    context: int = 256,
+    reps: int = 7,
+    long_context: int = 1024,
 ) -> CostModel:
     """Time forwards of k rows (tree-shaped: a chain, as any mask costs the same) after a
-    `context`-token prefill. Clobbers the backend's KV cache: call between requests."""
+    `context`-token prefill, then after a `long_context` one (skipped if the backend has no
+    room for it). Clobbers the backend's KV cache: call between requests."""
+    room = backend.max_len - max(sizes) - 1
+    context = max(1, min(context, room))
+    short = _measure_at(backend, sizes, context, reps)
+    long_context = min(long_context, room)
+    if long_context <= context:
+        return CostModel(tuple(sizes), short, context)
+    # A long context never costs less than a short one: a dip is noise.
+    measured = _measure_at(backend, sizes, long_context, reps)
+    long = tuple(max(a, b) for a, b in zip(short, measured, strict=True))
+    return CostModel(tuple(sizes), short, context, long, long_context)
+
+
+def _measure_at(
+    backend: Backend, sizes: tuple[int, ...], context: int, reps: int
+) -> tuple[float, ...]:
     device = getattr(backend, "device", torch.device("cpu"))
-    context = max(1, min(context, backend.max_len - max(sizes) - 1))
     backend.prefill(torch.arange(context, device=device) % 1000 + 100)
     for _ in range(2):  # warm-up: first calls pay for allocation and thread start
         backend.forward(torch.full((1,), 5, device=device), torch.tensor([context]), None)
@@ -71,7 +126,7 @@ def measure(
             times[k].append(time.perf_counter() - start)
     seconds = [sorted(times[k])[reps // 2] for k in sizes]
     # More rows never cost less: a dip is noise, and would lure drafters into larger trees.
-    return CostModel(tuple(sizes), tuple(accumulate(seconds, max)))
+    return tuple(accumulate(seconds, max))
 
 
 def cached_cost_model(backend: Backend, key: str, cache_dir: Path) -> CostModel:
@@ -82,8 +137,7 @@ def cached_cost_model(backend: Backend, key: str, cache_dir: Path) -> CostModel:
     path = cache_dir / "cost_curves.json"
     curves = json.loads(path.read_text()) if path.exists() else {}
     if ident in curves:
-        entry = curves[ident]
-        return CostModel(tuple(entry["sizes"]), tuple(entry["seconds"]))
+        return CostModel.from_dict(curves[ident])
     model = measure(backend)
     curves[ident] = model.as_dict()
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,10 @@ product of c along its path, and the expected tokens of a step are 1 + the sum o
 the nodes scored (at most one node per depth is accepted). Taking nodes best-first keeps the
 set a tree (a child is never likelier than its parent); the step scores the N best nodes with
 the largest expected tokens per second, E(N) / t(1 + N), from the backend's cost curve
-(onepass.cost) rescaled online by the step times we observe. If nothing beats plain decoding's
-1 / t(1), the draft is empty: auto is never meaningfully slower than plain decoding (its only
-overhead is drafting) and spends rows exactly where they pay.
+(onepass.cost) at the current context length, rescaled online by the step times we observe.
+If nothing beats plain decoding's 1 / t(1), the draft is empty: auto is never meaningfully
+slower than plain decoding (its only overhead is drafting) and spends rows exactly where they
+pay.
 """
 
 from __future__ import annotations
@@ -242,6 +243,7 @@ class AutoDrafter:
         self.tokens: Sequence[int] = []
         self.step_started = 0.0
         self.rows = 1
+        self.context = 0  # committed tokens + the root when the step was proposed
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         for c in self.candidates.values():
@@ -264,6 +266,7 @@ class AutoDrafter:
     def best_draft(self, merged: MergedTree, state: DecodeState) -> Draft:
         """The best-first prefix of `merged` with the most expected tokens per second; empty if
         none beats plain decoding."""
+        self.context = len(state.tokens)  # the committed tokens and the root
         limit = min(self.max_nodes, state.max_draft_tokens)
         ranked = merged.best_first(state.max_depth)[:limit]
         best_n, best_value = 0, 1.0 / self._time(1)
@@ -276,12 +279,14 @@ class AutoDrafter:
         return merged.draft([node for node, _ in ranked[:best_n]])
 
     def _time(self, rows: int) -> float:
-        return self.cost(rows) * self.time_scale if self.cost is not None else float(rows)
+        if self.cost is None:
+            return float(rows)
+        return self.cost(rows, self.context) * self.time_scale
 
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
         if self.cost is not None:
             elapsed = time.perf_counter() - self.step_started
-            ratio = elapsed / self.cost(self.rows)
+            ratio = elapsed / self.cost(self.rows, self.context)
             self.time_scale = 0.9 * self.time_scale + 0.1 * ratio
         for c in self.candidates.values():
             c.drafter.observe(draft, verdict, out)
