@@ -12,11 +12,13 @@ import json
 import platform
 import time
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from onepass.models.base import Backend
 
@@ -89,24 +91,34 @@ def measure(
     context: int = 256,
     reps: int = 7,
     long_context: int = 1024,
+    progress: bool = False,
 ) -> CostModel:
     """Time forwards of k rows (tree-shaped: a chain, as any mask costs the same) after a
     `context`-token prefill, then after a `long_context` one (skipped if the backend has no
-    room for it). Clobbers the backend's KV cache: call between requests."""
+    room for it). Clobbers the backend's KV cache: call between requests. progress: a progress
+    bar on stderr when it is a terminal."""
     room = backend.max_len - max(sizes) - 1
     context = max(1, min(context, room))
-    short = _measure_at(backend, sizes, context, reps)
     long_context = min(long_context, room)
-    if long_context <= context:
-        return CostModel(tuple(sizes), short, context)
+    passes = 1 if long_context <= context else 2
+    with tqdm(
+        total=passes * reps * len(sizes),
+        desc="onepass: measuring forward cost (once per machine)",
+        unit="forward",
+        leave=False,
+        disable=None if progress else True,  # None: only on a terminal
+    ) as bar:
+        short = _measure_at(backend, sizes, context, reps, bar.update)
+        if passes == 1:
+            return CostModel(tuple(sizes), short, context)
+        measured = _measure_at(backend, sizes, long_context, reps, bar.update)
     # A long context never costs less than a short one: a dip is noise.
-    measured = _measure_at(backend, sizes, long_context, reps)
     long = tuple(max(a, b) for a, b in zip(short, measured, strict=True))
     return CostModel(tuple(sizes), short, context, long, long_context)
 
 
 def _measure_at(
-    backend: Backend, sizes: tuple[int, ...], context: int, reps: int
+    backend: Backend, sizes: tuple[int, ...], context: int, reps: int, tick: Callable[[], object]
 ) -> tuple[float, ...]:
     device = getattr(backend, "device", torch.device("cpu"))
     backend.prefill(torch.arange(context, device=device) % 1000 + 100)
@@ -124,6 +136,7 @@ def _measure_at(
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[k].append(time.perf_counter() - start)
+            tick()
     seconds = [sorted(times[k])[reps // 2] for k in sizes]
     # More rows never cost less: a dip is noise, and would lure drafters into larger trees.
     return tuple(accumulate(seconds, max))
@@ -138,7 +151,7 @@ def cached_cost_model(backend: Backend, key: str, cache_dir: Path) -> CostModel:
     curves = json.loads(path.read_text()) if path.exists() else {}
     if ident in curves:
         return CostModel.from_dict(curves[ident])
-    model = measure(backend)
+    model = measure(backend, progress=True)
     curves[ident] = model.as_dict()
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
