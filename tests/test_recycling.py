@@ -172,6 +172,8 @@ def test_default_template_and_custom_parsing():
         {"tree": []},
         {"tree": [[0, 0]]},  # parent path missing
         {"tree": [[-1]]},
+        {"persist": "yes"},
+        {"pair_context": 1},
     ],
 )
 def test_bad_options(kwargs):

@@ -82,6 +82,9 @@ class Options:
     them when that context was seen (False: the paper's one-token matrix only)."""
 
     def __post_init__(self) -> None:
+        for name in ("persist", "pair_context"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= 64:
             raise ValueError(f"top_k must be an integer in 1..64, got {self.top_k!r}")
         if self.tree is not None:
