@@ -110,7 +110,7 @@ def layer_linears(
 class NativeDecoder:
     """Implements the Backend protocol for Llama-family weights in Hugging Face naming."""
 
-    revision = 5  # bump when a change alters the cost curve: cached curves are keyed by it
+    revision = 6  # bump when a change alters the cost curve: cached curves are keyed by it
 
     def __init__(
         self,
