@@ -8,7 +8,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from onepass.cost import CostModel
-from onepass.drafters.auto import AutoDrafter, MergedTree, NodeStats, slots, walk
+from onepass.drafters.auto import (
+    RUN_BOUNDS,
+    AutoDrafter,
+    Candidate,
+    MergedTree,
+    NodeStats,
+    Options,
+    predicted,
+    run_state,
+    slots,
+    walk,
+)
 from onepass.drafters.base import NODE_CLASSES, DecodeState, Draft
 from onepass.tree import Tree
 
@@ -91,10 +102,12 @@ class FakeAuto:
     """AutoDrafter's cut search without building real drafters."""
 
     best_draft = AutoDrafter.best_draft
+    learn_step_time = AutoDrafter.learn_step_time
     _time = AutoDrafter._time
 
     def __init__(self, cost: CostModel) -> None:
-        self.cost, self.time_scale, self.max_nodes = cost, 1.0, 16
+        self.cost, self.time_scale, self.max_nodes = cost, [1.0, 1.0], 16
+        self.rows, self.context = 1, 0
 
 
 def state(max_depth: int = 10, context: int = 3) -> DecodeState:
@@ -131,6 +144,21 @@ def test_draft_is_shorter_after_a_long_context():
     assert len(FakeAuto(curve).best_draft(chain_tree(8, 0.5), state(context=1100))) == 2
 
 
+def test_steps_that_score_drafts_learn_their_own_time_scale():
+    # The curve says t(k) = 1 + 0.05 (k - 1); in the loop, drafted steps take 1.3x that.
+    curve = CostModel((1, 32), (1.0, 2.55))
+    auto = FakeAuto(curve)
+    assert len(auto.best_draft(chain_tree(8, 0.3), state())) == 2  # E / t: 1.24, 1.26, 1.23
+    for _ in range(60):
+        auto.rows = 1
+        auto.learn_step_time(curve(1))  # plain steps: as the curve says
+        auto.rows = 4
+        auto.learn_step_time(1.3 * curve(4))
+    assert auto.time_scale[0] == pytest.approx(1.0) and auto.time_scale[1] > 1.29
+    # 0.3-likely nodes no longer pay for rows 30% dearer than the curve's.
+    assert len(auto.best_draft(chain_tree(8, 0.3), state())) == 0
+
+
 def test_draft_respects_max_depth_and_the_row_limit():
     flat = CostModel((1, 32), (1.0, 1.0))
     assert len(FakeAuto(flat).best_draft(chain_tree(4, 0.9), state(2))) == 2
@@ -147,10 +175,51 @@ def test_draft_classes_are_checked():
 
 
 def test_options_reject_drafters_that_cannot_be_merged():
-    from onepass.drafters.auto import Options
-
     with pytest.raises(ValueError, match="methods must be drafters among"):
         Options(methods=["suffix", "lookahead"])  # its window rows are not tree nodes
     with pytest.raises(ValueError, match="methods must be drafters among"):
         Options(methods=[])
     assert Options(methods=["recycling"]).methods == ["recycling"]
+
+
+def test_predicted_counts_the_emitted_tokens_a_draft_foresaw():
+    draft = Draft([5, 6, 7, 8], Tree((-1, 0, 0, 2)))  # 5 -> {6, 7 -> 8}
+    assert predicted(draft, [5, 7, 8, 1]) == 3  # the path ended: everything it proposed was right
+    assert predicted(draft, [5, 7]) == 2  # the path outlasts the emitted tokens
+    assert predicted(draft, [5, 9]) is None  # a wrong token before the path ended
+    assert predicted(draft, [4]) is None
+    assert predicted(draft, []) == 0
+
+
+def test_a_drafter_run_grows_while_it_predicts_and_restarts_on_a_miss():
+    c = Candidate(drafter=None, options=Options())  # type: ignore[arg-type]
+    c.latest = Draft.chain([1, 2, 3])
+    c.record([1, 2, 3, 4])
+    assert c.run == 3 and run_state(c.run) == run_state(3)
+    c.latest = Draft.chain([5, 6])
+    c.record([5, 6])
+    assert c.run == 5
+    c.latest = Draft.chain([7, 9])
+    c.record([7, 8])  # 9 was wrong
+    assert c.run == 0 and run_state(0) == 0
+    c.latest = Draft.empty()
+    c.record([1])
+    assert c.run == 0
+    assert run_state(RUN_BOUNDS[-1]) == len(RUN_BOUNDS)  # the longest runs: the last set
+
+
+def test_estimates_are_kept_apart_per_run_state():
+    """A drafter that is right while copying and wrong otherwise: the two states learn
+    different rates from the same drafter's proposals."""
+    c = Candidate(drafter=None, options=Options())  # type: ignore[arg-type]
+    copying, fresh = len(RUN_BOUNDS), 0
+    emitted = [1, 2, 3, 4, 5, 6] * 20
+    for i in range(0, 100, 3):
+        c.pending.append((i, Draft.chain(emitted[i : i + 3]), copying))  # right
+        c.pending.append((i, Draft.chain([99, 98, 97]), fresh))  # wrong
+    AutoDrafter._score_pending(c, emitted, 0)
+    draft = Draft.chain([1])
+    assert c.stats(draft, copying).rate(1, 0) > 0.9 and c.stats(draft, copying).rate(3, 0) > 0.9
+    assert c.stats(draft, fresh).rate(1, 0) < 0.1
+    assert c.stats(draft, fresh).rate(2, 0) == 0.5  # never reached: still the prior
+    assert not c.pending  # every proposal could be scored

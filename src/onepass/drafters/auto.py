@@ -16,7 +16,8 @@ product of c along its path, and the expected tokens of a step are 1 + the sum o
 the nodes scored (at most one node per depth is accepted). Taking nodes best-first keeps the
 set a tree (a child is never likelier than its parent); the step scores the N best nodes with
 the largest expected tokens per second, E(N) / t(1 + N), from the backend's cost curve
-(onepass.cost) at the current context length, rescaled online by the step times we observe.
+(onepass.cost) at the current context length, rescaled online by the step times we observe
+(apart for plain steps and for steps that score a draft).
 If nothing beats plain decoding's 1 / t(1), the draft is empty: auto is never meaningfully
 slower than plain decoding (its only overhead is drafting) and spends rows exactly where they
 pay.
@@ -25,6 +26,7 @@ pay.
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ from onepass.verify.base import Verdict
 
 MAX_PENDING = 64  # proposals awaiting enough emitted tokens to be scored, per drafter
 DEPTHS = 8  # nodes from this depth on share their estimates
+RUN_BOUNDS = (1, 4)  # a drafter's record: 0 | 1-3 | 4+ emitted tokens in a row it predicted
 
 # Token Recycling's template inside auto: wider than its own default, because auto keeps only
 # the nodes whose measured acceptance pays for their rows.
@@ -107,6 +110,26 @@ class NodeStats:
         d = min(depth, DEPTHS)
         self.tried[d][slot] = self.decay * self.tried[d][slot] + 1
         self.accepted[d][slot] = self.decay * self.accepted[d][slot] + accepted
+
+
+def run_state(run: int) -> int:
+    """Which of the len(RUN_BOUNDS) + 1 estimate sets a drafter with this run uses."""
+    return bisect_right(RUN_BOUNDS, run)
+
+
+def predicted(draft: Draft, emitted: Sequence[int]) -> int | None:
+    """How many of `emitted` the draft predicted along one path; None if it proposed a wrong
+    token before its path ended (a path that ends, or outlasts the emitted tokens, is right)."""
+    children = draft.tree.children()
+    row = 0
+    for n, token in enumerate(emitted):
+        if not children[row]:
+            return n
+        match = next((c for c in children[row] if draft.tokens[c] == token), None)
+        if match is None:
+            return None
+        row = match + 1
+    return len(emitted)
 
 
 def slots(draft: Draft) -> list[int]:
@@ -216,15 +239,27 @@ class Candidate:
     drafter: Drafter
     options: Options
     pending: deque = field(default_factory=lambda: deque(maxlen=MAX_PENDING))
-    """(index of the first token after the root, draft) awaiting scoring."""
-    _stats: NodeStats | None = None
+    """(index of the first token after the root, draft, run state) awaiting scoring."""
+    run: int = 0
+    """The latest emitted tokens in a row that this drafter's proposals predicted: long while
+    it is copying text the output repeats, when its nodes are far likelier to be accepted."""
+    latest: Draft = field(default_factory=Draft.empty)
+    """This step's proposal."""
+    _stats: list[NodeStats] | None = None
 
-    def stats(self, draft: Draft) -> NodeStats:
-        """The drafter's estimates, keyed by class or by rank as its first draft shows."""
+    def stats(self, draft: Draft, state: int) -> NodeStats:
+        """The drafter's estimates in this run state, keyed by class or by rank as its first
+        draft shows."""
         if self._stats is None:
             make = NodeStats.for_classes if draft.classes is not None else NodeStats.for_ranks
-            self._stats = make(self.options.decay, self.options.prior_acceptance)
-        return self._stats
+            prior = self.options.prior_acceptance
+            self._stats = [make(self.options.decay, prior) for _ in range(len(RUN_BOUNDS) + 1)]
+        return self._stats[state]
+
+    def record(self, emitted: Sequence[int]) -> None:
+        """Extend or restart the run with this step's emitted tokens."""
+        n = predicted(self.latest, emitted) if len(self.latest) else None
+        self.run = 0 if n is None else self.run + n
 
 
 class AutoDrafter:
@@ -239,7 +274,11 @@ class AutoDrafter:
             for m in options.methods
         }
         self.cost = context.cost_model() if callable(context.cost_model) else context.cost_model
-        self.time_scale = 1.0  # observed step time / cost model's prediction (decaying)
+        # Observed step time / the cost model's prediction (decaying), for plain steps and for
+        # steps that score a draft: the curve is measured apart from decoding, and in a real
+        # loop the two kinds of step can drift from it differently (here multi-row steps run
+        # ~10% dearer relative to single-row ones than the curve says).
+        self.time_scale = [1.0, 1.0]
         self.tokens: Sequence[int] = []
         self.step_started = 0.0
         self.rows = 1
@@ -249,15 +288,17 @@ class AutoDrafter:
         for c in self.candidates.values():
             c.drafter.start(prompt_ids)
             c.pending.clear()
+            c.run, c.latest = 0, Draft.empty()
 
     def propose(self, state: DecodeState) -> Draft:
         self.tokens = state.tokens
         merged = MergedTree()
         for c in self.candidates.values():
-            draft = c.drafter.propose(state)
+            draft = c.latest = c.drafter.propose(state)
             if len(draft):
-                c.pending.append((len(state.tokens), draft))
-                merged.add(draft, c.stats(draft))
+                run = run_state(c.run)
+                c.pending.append((len(state.tokens), draft, run))
+                merged.add(draft, c.stats(draft, run))
         best = self.best_draft(merged, state)
         self.rows = 1 + len(best)
         self.step_started = time.perf_counter()
@@ -278,18 +319,23 @@ class AutoDrafter:
                 best_n, best_value = n, value
         return merged.draft([node for node, _ in ranked[:best_n]])
 
+    def learn_step_time(self, elapsed: float) -> None:
+        """Fold the last step's measured time into the scale for its kind of step."""
+        kind = self.rows > 1
+        ratio = elapsed / self.cost(self.rows, self.context)
+        self.time_scale[kind] = 0.9 * self.time_scale[kind] + 0.1 * ratio
+
     def _time(self, rows: int) -> float:
         if self.cost is None:
             return float(rows)
-        return self.cost(rows, self.context) * self.time_scale
+        return self.cost(rows, self.context) * self.time_scale[rows > 1]
 
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
         if self.cost is not None:
-            elapsed = time.perf_counter() - self.step_started
-            ratio = elapsed / self.cost(self.rows, self.context)
-            self.time_scale = 0.9 * self.time_scale + 0.1 * ratio
+            self.learn_step_time(time.perf_counter() - self.step_started)
         for c in self.candidates.values():
             c.drafter.observe(draft, verdict, out)
+            c.record(verdict.tokens)
         oldest = min((p[0] for c in self.candidates.values() for p in c.pending), default=0)
         # The emitted tokens from the oldest pending proposal on (the engine's list ends at the
         # root; this step's tokens are not in it yet).
@@ -300,13 +346,14 @@ class AutoDrafter:
     @staticmethod
     def _score_pending(c: Candidate, recent: Sequence[int], offset: int) -> None:
         still: deque = deque(maxlen=MAX_PENDING)
-        for first_index, draft in c.pending:
+        for first_index, draft, run in c.pending:
             events = walk(draft, recent[first_index - offset :])
             if events is None:
-                still.append((first_index, draft))
+                still.append((first_index, draft, run))
                 continue
+            stats = c.stats(draft, run)
             for depth, slot, hit in events:
-                c.stats(draft).update(depth, slot, hit)
+                stats.update(depth, slot, hit)
         c.pending = still
 
 
