@@ -74,3 +74,16 @@ def test_curve_is_cached_per_backend_revision(tmp_path):
     backend.revision = 2  # a backend change: measured anew
     cached_cost_model(backend, "m", tmp_path)
     assert backend.calls > calls
+
+
+def test_a_curve_measured_in_a_small_cache_is_not_reused_by_a_larger_one(tmp_path):
+    class InstantBackend(AttentionBackend):
+        def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: None) -> None:
+            pass
+
+    small, large = InstantBackend(), InstantBackend()
+    small.max_len, large.max_len = 300, 400  # long context clamped to 267 and to 367
+    first = cached_cost_model(small, "m", tmp_path)
+    second = cached_cost_model(large, "m", tmp_path)
+    assert (first.long_context, second.long_context) == (267, 367)
+    assert cached_cost_model(small, "m", tmp_path) == first  # each keeps its own entry

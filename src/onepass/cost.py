@@ -97,9 +97,7 @@ def measure(
     `context`-token prefill, then after a `long_context` one (skipped if the backend has no
     room for it). Clobbers the backend's KV cache: call between requests. progress: a progress
     bar on stderr when it is a terminal."""
-    room = backend.max_len - max(sizes) - 1
-    context = max(1, min(context, room))
-    long_context = min(long_context, room)
+    context, long_context = measured_contexts(backend, sizes, context, long_context)
     passes = 1 if long_context <= context else 2
     with tqdm(
         total=passes * reps * len(sizes),
@@ -115,6 +113,14 @@ def measure(
     # A long context never costs less than a short one: a dip is noise.
     long = tuple(max(a, b) for a, b in zip(short, measured, strict=True))
     return CostModel(tuple(sizes), short, context, long, long_context)
+
+
+def measured_contexts(
+    backend: Backend, sizes: tuple[int, ...] = SIZES, context: int = 256, long_context: int = 1024
+) -> tuple[int, int]:
+    """The short and long contexts `measure` can use: both clamped to the backend's room."""
+    room = backend.max_len - max(sizes) - 1
+    return max(1, min(context, room)), min(long_context, room)
 
 
 def _measure_at(
@@ -150,6 +156,8 @@ def cached_cost_model(backend: Backend, key: str, cache_dir: Path) -> CostModel:
     backend_id = f"{type(backend).__name__}-{getattr(backend, 'revision', 0)}"
     ident = f"{key}|{backend_id}|{platform.processor() or platform.machine()}|{torch.__version__}"
     ident += f"|{torch.get_num_threads()}|{getattr(backend, 'dtype', '')}"
+    # A small KV cache clamps the long context: such a curve must not serve a larger cache.
+    ident += "|contexts {} {}".format(*measured_contexts(backend))
     path = cache_dir / "cost_curves.json"
     curves = json.loads(path.read_text()) if path.exists() else {}
     if ident in curves:
