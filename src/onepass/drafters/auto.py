@@ -9,6 +9,9 @@ accepted" is known for every drafter's proposal, not only for the nodes that wer
 these we keep, per drafter and per (depth, slot), a decaying estimate c = P(node accepted | its
 parent accepted); the slot is the drafter's own class of the node's evidence (suffix: match
 length x share of the continuations) or, for drafters without one, its rank among siblings.
+Each drafter keeps three such sets, by its run when it proposed (how many emitted tokens in a
+row its proposals had just predicted: 0, 1-3, 4+): a drafter that is copying text the output
+repeats is far likelier to be right at every depth than the same drafter on fresh text.
 
 The proposals are merged into one trie (a token path proposed by several drafters is one node,
 with the most optimistic of their estimates). A node's probability of being accepted is the
@@ -276,8 +279,8 @@ class AutoDrafter:
         self.cost = context.cost_model() if callable(context.cost_model) else context.cost_model
         # Observed step time / the cost model's prediction (decaying), for plain steps and for
         # steps that score a draft: the curve is measured apart from decoding, and in a real
-        # loop the two kinds of step can drift from it differently (here multi-row steps run
-        # ~10% dearer relative to single-row ones than the curve says).
+        # loop the two kinds of step can drift from it differently (seen with a curve measured
+        # under load: multi-row steps ran ~10% dearer relative to single-row ones than it said).
         self.time_scale = [1.0, 1.0]
         self.tokens: Sequence[int] = []
         self.step_started = 0.0
