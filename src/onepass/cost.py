@@ -23,6 +23,7 @@ from tqdm import tqdm
 from onepass.models.base import Backend
 
 SIZES = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 17, 20, 24, 32)  # 16 -> 17: MKL's pack size
+CONTEXTS = (256, 1024)  # committed tokens before the short and the long measurement
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,8 @@ class CostModel:
     """That short context's length."""
     long_seconds: tuple[float, ...] | None = None
     """The same sizes after a long context (None: not measured). Attention's cost grows with
-    the context, and the more so the more rows: on this CPU t(16) / t(1) is ~1.5 after 256
-    tokens and ~1.7 after 700."""
+    the context, and the more so the more rows: on this CPU t(16) / t(1) is ~1.6 after 256
+    tokens and ~2.0 after 1024."""
     long_context: int = 0
 
     def __call__(self, rows: int, context: int | None = None) -> float:
@@ -88,9 +89,9 @@ def _interpolate(sizes: tuple[int, ...], secs: tuple[float, ...], rows: int) -> 
 def measure(
     backend: Backend,
     sizes: tuple[int, ...] = SIZES,
-    context: int = 256,
+    context: int = CONTEXTS[0],
     reps: int = 11,
-    long_context: int = 1024,
+    long_context: int = CONTEXTS[1],
     progress: bool = False,
 ) -> CostModel:
     """Time forwards of k rows (tree-shaped: a chain, as any mask costs the same) after a
@@ -116,7 +117,10 @@ def measure(
 
 
 def measured_contexts(
-    backend: Backend, sizes: tuple[int, ...] = SIZES, context: int = 256, long_context: int = 1024
+    backend: Backend,
+    sizes: tuple[int, ...] = SIZES,
+    context: int = CONTEXTS[0],
+    long_context: int = CONTEXTS[1],
 ) -> tuple[int, int]:
     """The short and long contexts `measure` can use: both clamped to the backend's room."""
     room = backend.max_len - max(sizes) - 1
