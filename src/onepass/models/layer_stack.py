@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from onepass.models.small_gemm import ensure_ops
+
 
 def normalize(x: Tensor, eps: Tensor) -> Tensor:
     """RMSNorm without its weight: x / sqrt(mean(x^2) + eps), rows [n, hidden]; eps is a
@@ -37,11 +39,28 @@ def apply_rope(x: Tensor, rotation: Tensor) -> Tensor:
     return torch.view_as_real(pairs * rotation).reshape(n, heads, head_dim).to(x.dtype)
 
 
+# How linear layers multiply (an argument of the layer stack): which packed weights it is given.
+# `linear` spells the values out: TorchScript cannot read module-level ints.
+GEMM_PLAIN = 0  # F.linear, no packed weights (GPU, half precision, torch without MKL)
+GEMM_MKL = 1  # MKL's packed GEMM
+GEMM_SMALL = 2  # onepass's AVX-512 kernel (small_gemm.cpp)
+MKL_PACK_ROWS = 16  # MKL packs weights for this many rows: its cost is flat up to it
+
+
 def linear(
-    x: Tensor, j: int, weights: list[Tensor], packed: list[Tensor], biases: list[Tensor | None]
+    x: Tensor,
+    j: int,
+    weights: list[Tensor],
+    packed: list[Tensor],
+    biases: list[Tensor | None],
+    gemm: int,
 ) -> Tensor:
-    """x @ weights[j].T + biases[j], with MKL's packed weights when there are any."""
-    if len(packed) > 0:
+    """x @ weights[j].T + biases[j], by the GEMM `gemm` names."""
+    if gemm == 2:  # GEMM_SMALL
+        y = torch.ops.onepass.small_gemm(x, packed[j], weights[j].shape[0])
+        bias = biases[j]
+        return y if bias is None else y + bias
+    if gemm == 1:  # GEMM_MKL
         # The last argument must equal the row count, or MKL falls back to unpacked GEMM.
         return torch.ops.mkl._mkl_linear(x, packed[j], weights[j], biases[j], x.shape[0])
     return F.linear(x, weights[j], biases[j])
@@ -53,6 +72,7 @@ def decoder_layers(
     weights: list[Tensor],
     packed: list[Tensor],
     biases: list[Tensor | None],
+    gemm: int,
     cache_k: Tensor,
     cache_v: Tensor,
     k_pairs: Tensor | None,
@@ -64,8 +84,9 @@ def decoder_layers(
     """Run every layer on rows x: [n, hidden] at cache rows start..start + n, writing their K/V.
 
     weights/packed/biases: 4 linears a layer (qkv, o, gate_up, down; RMSNorm weights folded
-    in). cache_k, cache_v: [layers, kv_heads, max_len, head_dim]; k_pairs: cache_k viewed as
-    complex pairs (None for half precision). rotation: [n, 1, head_dim / 2] complex.
+    in), multiplied by the GEMM `gemm` names (GEMM_*). cache_k, cache_v: [layers, kv_heads,
+    max_len, head_dim]; k_pairs: cache_k viewed as complex pairs (None for half precision).
+    rotation: [n, 1, head_dim / 2] complex.
     heads: [query heads, kv heads, head_dim]. attn_mask: [group * n, start + n] or None.
     """
     n = x.shape[0]
@@ -74,7 +95,7 @@ def decoder_layers(
     end = start + n
     k_rotation = rotation.transpose(0, 1)  # [1, n, hd / 2]
     for i in range(len(weights) // 4):
-        qkv = linear(normalize(x, eps), 4 * i, weights, packed, biases)
+        qkv = linear(normalize(x, eps), 4 * i, weights, packed, biases, gemm)
         if k_pairs is not None:
             # Rotary embedding of k, written straight into the cache.
             pairs = torch.view_as_complex(qkv.view(n, nh + 2 * nkv, hd // 2, 2))
@@ -98,14 +119,16 @@ def decoder_layers(
         )  # [1, nkv, group * n, hd]
         if n > 1:
             a = a.view(nkv, group, n, hd).permute(2, 0, 1, 3)
-        x = x + linear(a.reshape(n, nh * hd), 4 * i + 1, weights, packed, biases)
-        gate, up = linear(normalize(x, eps), 4 * i + 2, weights, packed, biases).chunk(2, dim=-1)
-        x = x + linear(F.silu(gate) * up, 4 * i + 3, weights, packed, biases)
+        x = x + linear(a.reshape(n, nh * hd), 4 * i + 1, weights, packed, biases, gemm)
+        gate_up = linear(normalize(x, eps), 4 * i + 2, weights, packed, biases, gemm)
+        gate, up = gate_up.chunk(2, dim=-1)
+        x = x + linear(F.silu(gate) * up, 4 * i + 3, weights, packed, biases, gemm)
     return x
 
 
 def scripted_decoder_layers() -> Callable[..., Tensor]:
     """decoder_layers compiled by TorchScript, or the eager function if that is unavailable."""
+    ensure_ops()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript announces its deprecation

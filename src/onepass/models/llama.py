@@ -5,10 +5,11 @@ tokens carry explicit positions and an arbitrary attention mask among themselves
 tree), and always see the whole committed cache. `commit(keep)` then compacts the KV rows of
 the accepted tokens into place. See design.md §3 and the Backend protocol in `models/__init__.py`.
 
-On CPU with MKL, linear layers use MKL's packed GEMM (weights packed once at load): its cost
-is nearly flat from 1 to 16 rows, and row i of its result does not depend on the other rows,
-so scoring a draft uses the same arithmetic per token as plain decoding. The layers themselves
-run as one TorchScript function (layer_stack.py).
+On CPU in float32, linear layers multiply by onepass's AVX-512 kernel (small_gemm.cpp), or
+else by MKL's packed GEMM, with weights packed once at load. With either, row i of a product
+does not depend on the other rows, so scoring a draft uses the same arithmetic per token as
+plain decoding; and a forward of 12 rows costs little more than one of 1 row. The layers
+themselves run as one TorchScript function (layer_stack.py).
 """
 
 from __future__ import annotations
@@ -17,36 +18,54 @@ import math
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from onepass.kv_cache import KVCache
+from onepass.models import small_gemm
 from onepass.models.base import ModelOutput
 from onepass.models.config import ModelConfig
-from onepass.models.layer_stack import normalize, scripted_decoder_layers
-
-PACK_ROWS_HINT = 16  # MKL packs for this many rows; measured flat cost for 1..16 rows
+from onepass.models.layer_stack import (
+    GEMM_MKL,
+    GEMM_PLAIN,
+    GEMM_SMALL,
+    MKL_PACK_ROWS,
+    linear,
+    normalize,
+    scripted_decoder_layers,
+)
 
 
 def mkl_packing_available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkl.is_available()
 
 
-class Linear:
-    """y = x @ weight.T + bias for 2-D x, with MKL weight packing where available."""
+def choose_gemm(device: torch.device, dtype: torch.dtype) -> int:
+    """The fastest GEMM for a few rows on this device and dtype (layer_stack.GEMM_*)."""
+    if small_gemm.usable(device, dtype):
+        return GEMM_SMALL
+    return GEMM_MKL if mkl_packing_available(device, dtype) else GEMM_PLAIN
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, pack: bool) -> None:
-        self.weight = weight  # [out, in]
-        self.bias = bias
-        self.packed = (
-            torch.ops.mkl._mkl_reorder_linear_weight(weight, PACK_ROWS_HINT) if pack else None
-        )
+
+def pack(weight: Tensor, gemm: int) -> Tensor:
+    """The weight in the layout the GEMM reads (an empty tensor for F.linear)."""
+    if gemm == GEMM_SMALL:
+        return torch.ops.onepass.small_gemm_pack(weight)
+    if gemm == GEMM_MKL:
+        return torch.ops.mkl._mkl_reorder_linear_weight(weight, MKL_PACK_ROWS)
+    return weight.new_empty(0)
+
+
+class Linear:
+    """y = x @ weight.T + bias for 2-D x, by the given GEMM (layer_stack.GEMM_*)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, gemm: int) -> None:
+        self.weights = [weight]  # [out, in]
+        self.biases = [bias]
+        self.packed = [pack(weight, gemm)]
+        self.gemm = gemm
 
     def __call__(self, x: Tensor) -> Tensor:  # [n, in] -> [n, out]
-        if self.packed is not None:
-            # The last argument must equal the row count, or MKL falls back to unpacked GEMM.
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, x.shape[0])
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, 0, self.weights, self.packed, self.biases, self.gemm)
 
 
 def rope_inv_freq(config: ModelConfig) -> Tensor:
@@ -110,7 +129,7 @@ def layer_linears(
 class NativeDecoder:
     """Implements the Backend protocol for Llama-family weights in Hugging Face naming."""
 
-    revision = 6  # bump when a change alters the cost curve: cached curves are keyed by it
+    revision = 7  # bump when a change alters the cost curve: cached curves are keyed by it
 
     def __init__(
         self,
@@ -125,11 +144,11 @@ class NativeDecoder:
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_len = max_len
-        pack = mkl_packing_available(self.device, dtype)
+        self.gemm = choose_gemm(self.device, dtype)
         w = {k: v.to(device=self.device, dtype=dtype) for k, v in weights.items()}
         self.embed = w["model.embed_tokens.weight"]  # [vocab, hidden]
         lm_head = self.embed if config.tie_word_embeddings else w["lm_head.weight"]
-        self.lm_head = Linear(lm_head, None, pack)
+        self.lm_head = Linear(lm_head, None, self.gemm)
         self.norm = w["model.norm.weight"]
         linears = [
             pair
@@ -138,11 +157,7 @@ class NativeDecoder:
         ]
         self.weights = [weight for weight, _ in linears]
         self.biases = [bias for _, bias in linears]
-        self.packed = (
-            [torch.ops.mkl._mkl_reorder_linear_weight(t, PACK_ROWS_HINT) for t in self.weights]
-            if pack
-            else []
-        )
+        self.packed = [pack(t, self.gemm) for t in self.weights]
         self.eps = torch.full((1, 1), config.rms_norm_eps, dtype=dtype, device=self.device)
         self.layer_stack = scripted_decoder_layers()
         positions = torch.arange(max_len, dtype=torch.float32)
@@ -174,7 +189,9 @@ class NativeDecoder:
         for start in range(0, n, chunk):
             part = ids[start : start + chunk].to(self.device)
             positions = torch.arange(start, start + part.shape[0], device=self.device)
-            out = self._run(part, positions, None, last_only=True)
+            # Plain GEMM: fastest for hundreds of rows. Every method prefills alike, so the
+            # prompt's KV cache is the same whichever decodes after it.
+            out = self._run(part, positions, None, last_only=True, gemm=GEMM_PLAIN)
             self.cache.length += part.shape[0]
         self._pending = 0
         return out
@@ -189,7 +206,9 @@ class NativeDecoder:
         n = ids.shape[0]
         if self.cache.length + n > self.max_len:
             raise ValueError("KV cache is full")
-        out = self._run(ids.to(self.device), positions.to(self.device), mask, last_only=False)
+        out = self._run(
+            ids.to(self.device), positions.to(self.device), mask, last_only=False, gemm=self.gemm
+        )
         self._pending = n
         return out
 
@@ -223,7 +242,7 @@ class NativeDecoder:
         additive.masked_fill_(~full, float("-inf"))
         return additive.repeat(self.config.num_heads // self.config.num_kv_heads, 1)
 
-    def _run(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool):
+    def _run(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool, gemm: int):
         cfg = self.config
         # Graph optimization off: TorchScript would re-profile and re-specialize for every new
         # row count; its plain interpreter is what saves the time (see layer_stack.py).
@@ -234,6 +253,7 @@ class NativeDecoder:
                 self.weights,
                 self.packed,
                 self.biases,
+                gemm,
                 self.cache.k,
                 self.cache.v,
                 self.cache.k_pairs,
