@@ -25,7 +25,8 @@ constexpr int64_t kChunk = 128; // input features per chunk: 16 KB of a tile, st
 constexpr int kMaxBlock = 14;   // rows per block: 28 accumulators + 2 weight registers
 
 // Rows x[0..R) (row stride K) times one chunk of a tile wt[kc][32], accumulated into
-// y[0..R)[0..32) (row stride ldy; only the first `cols` columns exist). FIRST: start from zero.
+// y[0..R)[0..32) (row stride ldy; masks m0, m1 keep the columns that exist). FIRST: start
+// from zero.
 // PREFETCH: pull the next chunk toward L1 while computing this one.
 template <int R, bool FIRST, bool PREFETCH>
 void block(const float* x, const float* wt, float* y, int64_t kc, int64_t K, int64_t ldy,
@@ -77,8 +78,8 @@ const std::array<std::array<BlockFn, 4>, kMaxBlock + 1> kBlocks = {
 
 // W [N, K] -> tiles [ceil(N / 32)][K][32], zero-padded past N, 64-byte aligned rows.
 at::Tensor pack(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
-              "pack expects a 2-D float32 weight");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
+              "pack expects a 2-D float32 CPU weight");
   const int64_t N = weight.size(0), K = weight.size(1);
   const int64_t tiles = (N + kTile - 1) / kTile;
   auto padded = at::zeros({tiles * kTile, K}, weight.options());
@@ -88,7 +89,8 @@ at::Tensor pack(const at::Tensor& weight) {
 
 // x [M, K] float32, packed from pack(W) with W [N, K]: returns x @ W.T, [M, N].
 at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t N) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x must be 2-D float32");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
+              "x must be a 2-D float32 CPU tensor");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kTile && packed.size(1) == x_in.size(1),
               "packed weight does not match x");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 64 == 0, "packed not aligned");
