@@ -6,10 +6,11 @@ tree), and always see the whole committed cache. `commit(keep)` then compacts th
 the accepted tokens into place. See design.md §3 and the Backend protocol in `models/__init__.py`.
 
 On CPU in float32, linear layers multiply by onepass's AVX-512 kernel (small_gemm.cpp), or
-else by MKL's packed GEMM, with weights packed once at load. With either, row i of a product
-does not depend on the other rows, so scoring a draft uses the same arithmetic per token as
-plain decoding; and a forward of 12 rows costs little more than one of 1 row. The layers
-themselves run as one TorchScript function (layer_stack.py).
+else by MKL's packed GEMM, with weights packed once at load. In the kernel, row i of a product
+does not depend on the other rows by construction, so scoring a draft uses the same arithmetic
+per token as plain decoding; MKL's does so for the default model's shapes but not for every
+shape (tests/test_backend.py). A forward of 12 rows costs little more than one of 1 row. The
+layers themselves run as one TorchScript function (layer_stack.py).
 """
 
 from __future__ import annotations
