@@ -1,10 +1,10 @@
 """The AVX-512 kernel for products of a few rows with a large weight (small_gemm.cpp).
 
 Built from source once per machine and torch version with torch's C++ extension tooling (about
-40 s), cached under ~/.cache/onepass, then loaded as the ops `torch.ops.onepass.small_gemm` and
-`torch.ops.onepass.small_gemm_pack`. Where it cannot be used (no AVX-512, not float32 on CPU,
-no compiler, ONEPASS_SMALL_GEMM=0) the native backend keeps MKL's packed GEMM: same model,
-slower drafts.
+40 s), cached in onepass's cache directory (~/.cache/onepass), then loaded as the ops
+`torch.ops.onepass.small_gemm` and `torch.ops.onepass.small_gemm_pack`. Where it cannot be
+used (no AVX-512, not float32 on CPU, no compiler, ONEPASS_SMALL_GEMM=0) the native backend
+keeps MKL's packed GEMM: same model, slower drafts.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
+from onepass.models.loading import default_cache_dir
+
 SOURCE = Path(__file__).with_name("small_gemm.cpp")
 FLAGS = ["-O3", "-mavx512f", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for is inline
 
 
 def build_directory() -> Path:
-    root = Path(os.environ.get("ONEPASS_CACHE", Path.home() / ".cache" / "onepass"))
-    return root / "kernels" / f"torch-{torch.__version__}"
+    return default_cache_dir() / "kernels" / f"torch-{torch.__version__}"
 
 
 def usable(device: torch.device, dtype: torch.dtype) -> bool:
