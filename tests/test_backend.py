@@ -157,7 +157,7 @@ def test_gguf_weights_equal_transformers_gguf_loader():
 
 def packed_gemms() -> list:
     """The packed GEMMs this machine can run; the others are parametrized as skipped."""
-    from onepass.models import small_gemm
+    from onepass.models import cpu_kernels
     from onepass.models.layer_stack import GEMM_MKL, GEMM_SMALL
     from onepass.models.llama import mkl_packing_available
 
@@ -174,7 +174,7 @@ def packed_gemms() -> list:
             GEMM_SMALL,
             id="small",
             marks=pytest.mark.skipif(
-                not small_gemm.usable(cpu, fp32), reason="no AVX-512 or no compiler here"
+                not cpu_kernels.usable(cpu, fp32), reason="no AVX-512 or no compiler here"
             ),
         ),
     ]
@@ -224,9 +224,59 @@ def test_scripted_layers_equal_eager_layers():
     assert torch.equal(outputs[0], outputs[1])
 
 
+def kernels_here() -> bool:
+    from onepass.models import cpu_kernels
+
+    return cpu_kernels.usable(torch.device("cpu"), torch.float32)
+
+
+needs_kernels = pytest.mark.skipif(not kernels_here(), reason="no AVX-512 or no compiler here")
+FUSED = {"head_dim": 64}  # the fused decoder takes head_dim 64 or 128
+
+
+@needs_kernels
+@pytest.mark.parametrize(("arch", "overrides"), ARCHS)
+def test_fused_decoder_matches_transformers(arch, overrides):
+    """decoder.cpp (every decoding step on AVX-512 CPUs): one token at a time, then a chain."""
+    native, model = tiny_pair(arch, **FUSED, **overrides)
+    assert native.fused
+    ids = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(5))
+    ref = reference_logits(model, ids)
+    native.prefill(ids[:24])
+    for i in range(24, 32):
+        step = native.forward(ids[i : i + 1], torch.tensor([i]), None)
+        native.commit([0])
+        torch.testing.assert_close(step.logits[0], ref[i], atol=1e-4, rtol=1e-4)
+    out = native.forward(ids[32:], torch.arange(32, 40), None)
+    torch.testing.assert_close(out.logits, ref[32:], atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("arch", "overrides"), [("llama", {}), ("mistral", {"sliding_window": 4})])
+def test_fused_tree_rows_equal_plain_decoding_bit_for_bit(arch, overrides):
+    """The fused decoder's row independence: each row of a tree forward has exactly the logits
+    plain decoding (one token per forward) gives at the end of that row's path, with a sliding
+    window cutting into the cache and into the tree too."""
+    native, _ = tiny_pair(arch, **FUSED, **overrides)
+    prompt = torch.randint(0, 97, (20,), generator=torch.Generator().manual_seed(6))
+    tree = Tree((-1, 0, 1, 2, 0, 4, -1, 6, 3, 8))  # branches of depth 2 to 6 under the root
+    ids = torch.randint(0, 97, (11,), generator=torch.Generator().manual_seed(7))
+    native.prefill(prompt)
+    start = native.cache_len
+    rows = native.forward(ids, tree.positions(start), tree.mask()).logits
+    for node in range(-1, len(tree.parents)):
+        path = [0, *(i + 1 for i in tree.ancestors(node))] if node >= 0 else [0]
+        native.prefill(prompt)
+        for row in path:
+            step = native.forward(ids[row : row + 1], torch.tensor([native.cache_len]), None)
+            native.commit([0])
+        assert torch.equal(step.logits[0], rows[path[-1]]), path
+
+
 def test_without_the_kernel_the_layer_stack_still_compiles():
-    """ONEPASS_SMALL_GEMM=0 (or no AVX-512, or no compiler): the backend takes MKL's GEMM and
-    the layer stack still compiles with TorchScript, its kernel branch naming stand-in ops."""
+    """ONEPASS_CPU_KERNELS=0 (or no AVX-512, or no compiler): the backend takes MKL's GEMM and
+    no fused decoder, and the layer stack still compiles with TorchScript, its kernel branch
+    naming stand-in ops."""
     import subprocess
     import sys
 
@@ -235,14 +285,14 @@ def test_without_the_kernel_the_layer_stack_still_compiles():
         "from conftest import tiny_pair\n"
         "from onepass.models.layer_stack import GEMM_SMALL\n"
         "native, model = tiny_pair('llama')\n"
-        "assert native.gemm != GEMM_SMALL, native.gemm\n"
+        "assert native.gemm != GEMM_SMALL and not native.fused, native.gemm\n"
         "assert isinstance(native.layer_stack, torch.jit.ScriptFunction)\n"
         "ids = torch.arange(10)\n"
         "with torch.no_grad():\n"
         "    want = model(ids[None]).logits[0, -1]\n"
         "torch.testing.assert_close(native.prefill(ids).logits[0], want, rtol=1e-4, atol=1e-4)\n"
     )
-    env = {**os.environ, "ONEPASS_SMALL_GEMM": "0"}
+    env = {**os.environ, "ONEPASS_CPU_KERNELS": "0"}
     tests_dir = str(Path(__file__).parent)
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=tests_dir, capture_output=True, text=True

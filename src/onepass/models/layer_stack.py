@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from onepass.models.small_gemm import ensure_ops
+from onepass.models.cpu_kernels import ensure_ops
 
 
 def normalize(x: Tensor, eps: Tensor) -> Tensor:

@@ -5,12 +5,16 @@ tokens carry explicit positions and an arbitrary attention mask among themselves
 tree), and always see the whole committed cache. `commit(keep)` then compacts the KV rows of
 the accepted tokens into place. See design.md §3 and the Backend protocol in `models/__init__.py`.
 
-On CPU in float32, linear layers multiply by onepass's AVX-512 kernel (small_gemm.cpp), or
-else by MKL's packed GEMM, with weights packed once at load. In the kernel, row i of a product
-does not depend on the other rows by construction, so scoring a draft uses the same arithmetic
-per token as plain decoding; MKL's does so for the default model's shapes but not for every
-shape (tests/test_backend.py). A forward of 12 rows costs little more than one of 1 row. The
-layers themselves run as one TorchScript function (layer_stack.py).
+On CPU in float32 with AVX-512, a decoding step runs as one C++ op, onepass's fused decoder
+(decoder.cpp): its linear layers multiply by onepass's small-GEMM kernel (small_gemm.cpp) and
+its attention walks each row's visible keys in position order. Row i of a step is computed
+exactly as plain decoding computes it, whatever the other rows are, by construction: scoring a
+draft uses plain decoding's arithmetic per token, and a forward of 12 rows costs little more
+than one of 1 row. Elsewhere (GPU, half precision, no compiler) the layers run as one
+TorchScript function (layer_stack.py) with MKL's packed GEMM where available, which is
+row-independent for the default model's shapes but not for every shape (tests/test_backend.py).
+The prompt's prefill always runs the TorchScript layers with plain GEMM, the fastest for
+hundreds of rows, identically for every method.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from torch import Tensor
 
 from onepass.kv_cache import KVCache
-from onepass.models import small_gemm
+from onepass.models import cpu_kernels
 from onepass.models.base import ModelOutput
 from onepass.models.config import ModelConfig
 from onepass.models.layer_stack import (
@@ -42,7 +46,7 @@ def mkl_packing_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 def choose_gemm(device: torch.device, dtype: torch.dtype) -> int:
     """The fastest GEMM for a few rows on this device and dtype (layer_stack.GEMM_*)."""
-    if small_gemm.usable(device, dtype):
+    if cpu_kernels.usable(device, dtype):
         return GEMM_SMALL
     return GEMM_MKL if mkl_packing_available(device, dtype) else GEMM_PLAIN
 
@@ -130,7 +134,7 @@ def layer_linears(
 class NativeDecoder:
     """Implements the Backend protocol for Llama-family weights in Hugging Face naming."""
 
-    revision = 7  # bump when a change alters the cost curve: cached curves are keyed by it
+    revision = 8  # bump when a change alters the cost curve: cached curves are keyed by it
 
     def __init__(
         self,
@@ -161,6 +165,9 @@ class NativeDecoder:
         self.packed = [pack(t, self.gemm) for t in self.weights]
         self.eps = torch.full((1, 1), config.rms_norm_eps, dtype=dtype, device=self.device)
         self.layer_stack = scripted_decoder_layers()
+        # Decoding steps run the fused C++ decoder where the kernels are loaded (decoder.cpp).
+        self.fused = self.gemm == GEMM_SMALL and config.head_dim in (64, 128)
+        self.out_features = [t.shape[0] for t in self.weights]
         positions = torch.arange(max_len, dtype=torch.float32)
         angles = torch.outer(positions, rope_inv_freq(config))  # [max_len, head_dim / 2]
         self.rotation = torch.polar(torch.ones_like(angles), angles).to(self.device)
@@ -245,6 +252,24 @@ class NativeDecoder:
 
     def _run(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool, gemm: int):
         cfg = self.config
+        heads = [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim]
+        if self.fused and gemm == GEMM_SMALL:
+            x = torch.ops.onepass.decode_layers(
+                self.embed[ids],
+                cfg.rms_norm_eps,
+                self.packed,
+                self.out_features,
+                self.biases,
+                self.cache.k,
+                self.cache.v,
+                torch.view_as_real(self.rotation[positions]),  # [n, head_dim / 2, 2]
+                positions,
+                self.cache.length,
+                heads,
+                mask,
+                cfg.sliding_window or 0,
+            )
+            return self._head(x, last_only)
         # Graph optimization off: TorchScript would re-profile and re-specialize for every new
         # row count; its plain interpreter is what saves the time (see layer_stack.py).
         with torch.jit.optimized_execution(False):
@@ -260,9 +285,12 @@ class NativeDecoder:
                 self.cache.k_pairs,
                 self.rotation[positions][:, None, :],
                 self.cache.length,
-                [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim],
+                heads,
                 self._attention_mask(positions, mask),
             )
+        return self._head(x, last_only)
+
+    def _head(self, x: Tensor, last_only: bool) -> ModelOutput:
         if last_only:
             x = x[-1:]
         hidden = normalize(x, self.eps) * self.norm  # [rows, hidden]

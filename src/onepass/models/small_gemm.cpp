@@ -10,7 +10,8 @@
 // Lossless decoding needs more than speed: row i of the result is computed with exactly the
 // same operations whatever the other rows are (each output sums its K products in order, one
 // FMA each, in one accumulator), so scoring a draft gives the same logits as plain decoding.
-#include <ATen/ATen.h>
+#include "small_gemm.h"
+
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -76,8 +77,10 @@ const std::array<std::array<BlockFn, 4>, kMaxBlock + 1> kBlocks = {
 
 }  // namespace
 
+namespace onepass {
+
 // W [N, K] -> tiles [ceil(N / 32)][K][32], zero-padded past N, 64-byte aligned rows.
-at::Tensor pack(const at::Tensor& weight) {
+at::Tensor small_gemm_pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
               "pack expects a 2-D float32 CPU weight");
   const int64_t N = weight.size(0), K = weight.size(1);
@@ -88,7 +91,7 @@ at::Tensor pack(const at::Tensor& weight) {
 }
 
 // x [M, K] float32, packed from pack(W) with W [N, K]: returns x @ W.T, [M, N].
-at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t N) {
+at::Tensor small_gemm(const at::Tensor& x_in, const at::Tensor& packed, int64_t N) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "x must be a 2-D float32 CPU tensor");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kTile && packed.size(1) == x_in.size(1),
@@ -128,7 +131,9 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t N) {
   return y;
 }
 
-TORCH_LIBRARY(onepass, m) {
-  m.def("small_gemm_pack(Tensor weight) -> Tensor", pack);
-  m.def("small_gemm(Tensor x, Tensor packed, int n) -> Tensor", linear);
+}  // namespace onepass
+
+TORCH_LIBRARY_FRAGMENT(onepass, m) {
+  m.def("small_gemm_pack(Tensor weight) -> Tensor", onepass::small_gemm_pack);
+  m.def("small_gemm(Tensor x, Tensor packed, int n) -> Tensor", onepass::small_gemm);
 }

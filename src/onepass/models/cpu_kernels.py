@@ -1,10 +1,11 @@
-"""The AVX-512 kernel for products of a few rows with a large weight (small_gemm.cpp).
+"""onepass's AVX-512 CPU kernels: the GEMM for a few rows against a large weight
+(small_gemm.cpp) and the fused decoder layers of a decoding step (decoder.cpp).
 
 Built from source once per machine and torch version with torch's C++ extension tooling (about
-40 s), cached in onepass's cache directory (~/.cache/onepass), then loaded as the ops
-`torch.ops.onepass.small_gemm` and `torch.ops.onepass.small_gemm_pack`. Where it cannot be
-used (no AVX-512, not float32 on CPU, no compiler, ONEPASS_SMALL_GEMM=0) the native backend
-keeps MKL's packed GEMM: same model, slower drafts.
+20-40 s), cached in onepass's cache directory (~/.cache/onepass), then loaded as the ops
+`torch.ops.onepass.small_gemm`, `small_gemm_pack` and `decode_layers`. Where they cannot be
+used (no AVX-512, not float32 on CPU, no compiler, ONEPASS_CPU_KERNELS=0) the native backend
+runs its TorchScript layer stack with MKL's packed GEMM: same model, slower steps.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from onepass.models.loading import default_cache_dir
 
-SOURCE = Path(__file__).with_name("small_gemm.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("small_gemm.cpp", "decoder.cpp")]
 FLAGS = ["-O3", "-mavx512f", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for is inline
 
 
@@ -29,14 +30,14 @@ def build_directory() -> Path:
 
 
 def usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether linear layers on this device and dtype run on the kernel (building it if need be)."""
+    """Whether this device and dtype run on the kernels (building them if need be)."""
     return device.type == "cpu" and dtype == torch.float32 and loaded()
 
 
 @functools.cache
 def loaded() -> bool:
-    """Build (once) and load the kernel; False, with a warning when it is a surprise, if not."""
-    if os.environ.get("ONEPASS_SMALL_GEMM", "1") == "0":
+    """Build (once) and load the kernels; False, with a warning when it is a surprise, if not."""
+    if os.environ.get("ONEPASS_CPU_KERNELS", "1") == "0":
         return False
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return False
@@ -46,9 +47,9 @@ def loaded() -> bool:
         _build_and_load()
     except Exception as error:  # any build or load failure: keep MKL's GEMM, say why
         warnings.warn(
-            f"onepass could not build its AVX-512 GEMM kernel ({type(error).__name__}: "
+            f"onepass could not build its AVX-512 CPU kernels ({type(error).__name__}: "
             f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); "
-            "using MKL's GEMM, drafts will be slower to score",
+            "using TorchScript and MKL's GEMM, decoding will be slower",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -66,10 +67,10 @@ def _build_and_load() -> None:
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob("*.so")):
-        print("onepass: building the AVX-512 GEMM kernel (once, ~1 min)...", file=sys.stderr)
+        print("onepass: building the AVX-512 CPU kernels (once, ~1 min)...", file=sys.stderr)
     cpp_extension.load(
-        name="onepass_small_gemm",
-        sources=[str(SOURCE)],
+        name="onepass_cpu_kernels",
+        sources=[str(source) for source in SOURCES],
         extra_cflags=FLAGS,
         extra_ldflags=["-fopenmp"],
         build_directory=str(directory),
@@ -81,7 +82,7 @@ _placeholder_library = None
 
 
 def ensure_ops() -> None:
-    """Make the kernel's op names exist, as stand-ins that are never called if it is not loaded:
+    """Make the GEMM kernel's op names exist, as stand-ins never called if it is not loaded:
     TorchScript compiles the layer stack's branch that names them even where it is not taken."""
     global _placeholder_library
     try:

@@ -1,0 +1,433 @@
+// The decoder layers of a Llama-family model for the new rows of a decoding step, in one op
+// (CPU, float32, AVX-512): RMSNorm, the four projections (small_gemm.cpp), rotary embedding,
+// the KV-cache write, grouped-query attention over the cache and among the new rows, SwiGLU.
+//
+// Why: with the GEMM kernel, a 13-row step of the default model spent a third of its time
+// outside the GEMMs: ~35 small ops a layer dispatched one at a time (some on strided views,
+// slower the more rows), and CPU flash attention, which is built for long queries, not for a
+// dozen rows against a long cache.
+//
+// Lossless decoding: every row is computed as plain decoding (one row) computes it, by
+// construction. Elementwise steps touch only their row, with loops whose length does not
+// depend on the row count. Attention walks, for each row, the keys it may see in position
+// order: the committed cache, then its ancestors among the new rows. A draft token therefore
+// sees the same key sequence as plain decoding would at its position; each score is a fixed
+// dot product, the softmax's max and sum run over that sequence in its order, and the value
+// sum adds the keys one at a time.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "small_gemm.h"
+
+namespace {
+
+constexpr int64_t kLanes = 16;  // floats in an AVX-512 register
+
+inline __mmask16 tail_mask(int64_t count) {
+  return count >= kLanes ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
+}
+
+// e^x per lane: reduction to r in [-ln2/2, ln2/2] (x = n ln2 + r), Cephes' degree-7
+// polynomial for e^r, then scaling by 2^n. About 1 ulp; each lane depends only on its input.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.37626f)), _mm512_set1_ps(-88.37626f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y =
+      _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+// Lane j of the result is the sum of the 16 lanes of a[j], by the same addition tree for every
+// j (lanes of different registers are moved, never added together).
+inline __m512 sum16(const __m512* a) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; i++) {  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; i++) {  // per 128-bit lane: that lane's sums of 4 registers
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+  }
+  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44),
+                                  _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
+  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44),
+                                  _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+// y = x / sqrt(mean(x^2) + eps) for one row of length H (RMSNorm; its weight is folded into
+// the projection that follows).
+void rms_normalize(const float* x, float* y, int64_t H, float eps) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t k = 0; k < H; k += kLanes) {
+    const __m512 v = _mm512_maskz_loadu_ps(tail_mask(H - k), x + k);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  const float scale = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / H + eps);
+  for (int64_t k = 0; k < H; k += kLanes) {
+    const __mmask16 m = tail_mask(H - k);
+    _mm512_mask_storeu_ps(y + k, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k),
+                                                  _mm512_set1_ps(scale)));
+  }
+}
+
+// Rotary embedding of one head (hd a multiple of 16) stored as adjacent (re, im) pairs:
+// (a, b) * (cos, sin) = (a cos - b sin, b cos + a sin). rotation: [hd / 2][2] (cos, sin).
+void rotate(const float* x, const float* rotation, float* y, int64_t hd) {
+  for (int64_t k = 0; k < hd; k += kLanes) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    const __m512 cs = _mm512_loadu_ps(rotation + k);
+    const __m512 swapped = _mm512_permute_ps(v, 0xB1);  // (b, a) pairs
+    const __m512 sin_term = _mm512_mul_ps(swapped, _mm512_movehdup_ps(cs));
+    _mm512_storeu_ps(y + k, _mm512_fmaddsub_ps(v, _mm512_moveldup_ps(cs), sin_term));
+  }
+}
+
+// act = silu(gate) * up for one row; gate_up = [gate (I) | up (I)].
+void silu_mul(const float* gate_up, float* act, int64_t I) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t k = 0; k < I; k += kLanes) {
+    const __mmask16 m = tail_mask(I - k);
+    const __m512 g = _mm512_maskz_loadu_ps(m, gate_up + k);
+    const __m512 u = _mm512_maskz_loadu_ps(m, gate_up + I + k);
+    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    _mm512_mask_storeu_ps(act + k, m, _mm512_mul_ps(silu, u));
+  }
+}
+
+void add_into(float* x, const float* y, int64_t count) {
+  for (int64_t k = 0; k < count; k += kLanes) {
+    const __mmask16 m = tail_mask(count - k);
+    _mm512_mask_storeu_ps(
+        x + k, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + k), _mm512_maskz_loadu_ps(m, y + k)));
+  }
+}
+
+// The cache rows one new row attends to, in position order: a run of the committed cache, then
+// some of the new rows (its ancestors in a draft tree, and itself).
+struct KeySpan {
+  int64_t lo = 0, hi = 0;      // cache rows lo..hi
+  std::vector<int64_t> extra;  // then these rows
+  int64_t size() const { return hi - lo + static_cast<int64_t>(extra.size()); }
+  int64_t row(int64_t c) const { return c < hi - lo ? lo + c : extra[c - (hi - lo)]; }
+};
+
+struct AttentionShape {
+  int64_t n, heads, kv_heads, max_len;
+  float scale;
+};
+
+// The query vectors (row, query head) that one kv head serves, numbered v = row * group + g.
+struct Queries {
+  const float* q;  // [n][heads][hd]
+  float* out;      // [n][heads][hd]
+  int64_t h, group, heads, hd;
+  int64_t offset(int64_t v) const { return ((v / group) * heads + h * group + v % group) * hd; }
+  const float* query(int64_t v) const { return q + offset(v); }
+  float* output(int64_t v) const { return out + offset(v); }
+};
+
+// Dot product of q (C registers) with one key: C lanes-wise products summed in order.
+template <int C>
+inline __m512 dot_lanes(const __m512* q, const float* key) {
+  __m512 a = _mm512_mul_ps(q[0], _mm512_loadu_ps(key));
+  for (int k = 1; k < C; k++) a = _mm512_fmadd_ps(q[k], _mm512_loadu_ps(key + k * kLanes), a);
+  return a;
+}
+
+// Scores q . key * scale for 16 keys given by their rows (lane j: a fixed function of key j).
+template <int C>
+inline __m512 scores16(const __m512* q, const float* const* key_rows, __m512 scale) {
+  __m512 acc[kLanes];
+#pragma GCC unroll 16
+  for (int j = 0; j < kLanes; j++) acc[j] = dot_lanes<C>(q, key_rows[j]);
+  return _mm512_mul_ps(sum16(acc), scale);
+}
+
+template <int C>
+inline void load_query(const float* q, __m512* qv) {
+  for (int k = 0; k < C; k++) qv[k] = _mm512_loadu_ps(q + k * kLanes);
+}
+
+// acc[g] += sum over j in 0..count of p[g][j] * values[j] for G query vectors, one key at a time
+// in order (values: consecutive rows). acc lives in out[g] (unnormalized) between calls.
+template <int C, int G>
+void accumulate_values(const float* const* p, const float* values, int64_t count,
+                       float* const* out) {
+  constexpr int64_t hd = C * kLanes;
+  __m512 acc[G][C];
+  for (int g = 0; g < G; g++)
+    for (int k = 0; k < C; k++) acc[g][k] = _mm512_loadu_ps(out[g] + k * kLanes);
+  for (int64_t j = 0; j < count; j++, values += hd) {
+    __m512 v[C];
+    for (int k = 0; k < C; k++) v[k] = _mm512_loadu_ps(values + k * kLanes);
+    for (int g = 0; g < G; g++) {
+      const __m512 weight = _mm512_set1_ps(p[g][j]);
+      for (int k = 0; k < C; k++) acc[g][k] = _mm512_fmadd_ps(weight, v[k], acc[g][k]);
+    }
+  }
+  for (int g = 0; g < G; g++)
+    for (int k = 0; k < C; k++) _mm512_storeu_ps(out[g] + k * kLanes, acc[g][k]);
+}
+
+// Softmax attention of the query vectors v_lo..v_hi of one kv head, whose rows share the same
+// run of the cache. keys, values: this kv head's cache, [max_len][hd]. The full 16-key blocks
+// of the run are scored for all the vectors while they are in L1, the run's values are added a
+// few vectors at a time; each vector's remaining keys (the run's last partial block, its
+// ancestors among the new rows) follow, one vector at a time, in the same order and arithmetic.
+template <int C>
+void attend_job(const Queries& qs, const float* keys, const float* values,
+                const std::vector<KeySpan>& spans, int64_t v_lo, int64_t v_hi, float scale,
+                std::vector<float>& scratch) {
+  constexpr int64_t hd = C * kLanes;
+  constexpr int kBlock = C <= 4 ? 6 : 2;  // vectors whose value sums stay in registers
+  const int64_t count = v_hi - v_lo;
+  const KeySpan& first = spans[v_lo / qs.group];
+  const int64_t lo = first.lo, run = first.hi - first.lo, full = run / kLanes * kLanes;
+  int64_t stride = 0;
+  for (int64_t v = v_lo; v < v_hi; v++) stride = std::max(stride, spans[v / qs.group].size());
+  stride = (stride + kLanes - 1) / kLanes * kLanes;
+  scratch.resize(count * (stride + 1));
+  float* inv_sum = scratch.data() + count * stride;
+  auto probs = [&](int64_t v) { return scratch.data() + (v - v_lo) * stride; };
+  const __m512 scale16 = _mm512_set1_ps(scale);
+  __m512 qv[C];
+
+  // Scores of the run's full blocks, all vectors per block.
+  const float* key_rows[kLanes];
+  for (int64_t b = 0; b < full; b += kLanes) {
+    for (int j = 0; j < kLanes; j++) key_rows[j] = keys + (lo + b + j) * hd;
+    for (int64_t v = v_lo; v < v_hi; v++) {
+      load_query<C>(qs.query(v), qv);
+      _mm512_storeu_ps(probs(v) + b, scores16<C>(qv, key_rows, scale16));
+    }
+  }
+  // Each vector's remaining scores, then its softmax.
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t v = v_lo; v < v_hi; v++) {
+    const KeySpan& span = spans[v / qs.group];
+    const int64_t L = span.size();
+    float* s = probs(v);
+    load_query<C>(qs.query(v), qv);
+    for (int64_t b = full; b < L; b += kLanes) {
+      for (int j = 0; j < kLanes; j++) key_rows[j] = keys + span.row(std::min(b + j, L - 1)) * hd;
+      _mm512_storeu_ps(s + b, scores16<C>(qv, key_rows, scale16));  // past L: ignored
+    }
+    __m512 top = minus_inf;
+    for (int64_t b = 0; b < L; b += kLanes) {
+      top = _mm512_max_ps(top, _mm512_mask_loadu_ps(minus_inf, tail_mask(L - b), s + b));
+    }
+    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t b = 0; b < L; b += kLanes) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + b), max));
+      const __m512 p = _mm512_maskz_mov_ps(tail_mask(L - b), e);
+      _mm512_storeu_ps(s + b, p);
+      total = _mm512_add_ps(total, p);
+    }
+    inv_sum[v - v_lo] = 1.0f / _mm512_reduce_add_ps(total);
+    std::fill_n(qs.output(v), hd, 0.0f);
+  }
+  // Values of the run: blocks of keys that stay in L1, kBlock vectors at a time.
+  constexpr int64_t kKeys = 64;
+  for (int64_t k0 = 0; k0 < run; k0 += kKeys) {
+    const int64_t keys_now = std::min(kKeys, run - k0);
+    const float* vp = values + (lo + k0) * hd;
+    for (int64_t v0 = v_lo; v0 < v_hi; v0 += kBlock) {
+      const float* p[kBlock];
+      float* o[kBlock];
+      const int64_t m = std::min<int64_t>(kBlock, v_hi - v0);
+      for (int64_t g = 0; g < m; g++) p[g] = probs(v0 + g) + k0, o[g] = qs.output(v0 + g);
+      switch (m) {
+        case 1: accumulate_values<C, 1>(p, vp, keys_now, o); break;
+        case 2: accumulate_values<C, 2>(p, vp, keys_now, o); break;
+        case 3: accumulate_values<C, 3>(p, vp, keys_now, o); break;
+        case 4: accumulate_values<C, 4>(p, vp, keys_now, o); break;
+        case 5: accumulate_values<C, 5>(p, vp, keys_now, o); break;
+        default: accumulate_values<C, kBlock>(p, vp, keys_now, o); break;
+      }
+    }
+  }
+  // Then each vector's other keys, and the normalization.
+  for (int64_t v = v_lo; v < v_hi; v++) {
+    const KeySpan& span = spans[v / qs.group];
+    const float* p = probs(v);
+    float* o = qs.output(v);
+    for (int64_t c = run; c < span.size(); c++) {
+      const float* pc = p + c;
+      accumulate_values<C, 1>(&pc, values + span.row(c) * hd, 1, &o);
+    }
+    const __m512 inv = _mm512_set1_ps(inv_sum[v - v_lo]);
+    for (int k = 0; k < C; k++) _mm512_storeu_ps(o + k * kLanes, _mm512_mul_ps(_mm512_loadu_ps(o + k * kLanes), inv));
+  }
+}
+
+// Grouped-query attention of n rows. q, out: [n][heads][hd]; keys, values: one layer's cache,
+// [kv_heads][max_len][hd], the new rows already written. The query vectors are split evenly
+// between threads in kv-head order; a thread's vectors of one kv head with the same cache run
+// form a job.
+template <int C>
+void attend(const float* q, const float* keys, const float* values,
+            const std::vector<KeySpan>& spans, const AttentionShape& s, float* out) {
+  constexpr int64_t hd = C * kLanes;
+  const int64_t group = s.heads / s.kv_heads, per_head = s.n * group;
+  at::parallel_for(0, s.kv_heads * per_head, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    for (int64_t u = begin; u < end;) {
+      const int64_t h = u / per_head, v_lo = u % per_head;
+      const int64_t v_end = std::min(per_head, end - h * per_head);
+      int64_t v_hi = v_lo + 1;
+      const KeySpan& run = spans[v_lo / group];
+      while (v_hi < v_end && spans[v_hi / group].lo == run.lo && spans[v_hi / group].hi == run.hi) v_hi++;
+      const Queries qs{q, out, h, group, s.heads, hd};
+      attend_job<C>(qs, keys + h * s.max_len * hd, values + h * s.max_len * hd, spans, v_lo, v_hi,
+                    s.scale, scratch);
+      u += v_hi - v_lo;
+    }
+  });
+}
+
+// Each new row's keys: the committed cache (from the sliding window's start), then the new rows
+// `mask` allows (None: causal).
+std::vector<KeySpan> key_spans(const at::Tensor& positions, int64_t start,
+                               const std::optional<at::Tensor>& mask, int64_t window) {
+  const int64_t n = positions.size(0);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const bool* allowed = mask ? mask->data_ptr<bool>() : nullptr;
+  std::vector<KeySpan> spans(n);
+  for (int64_t i = 0; i < n; i++) {
+    KeySpan& span = spans[i];
+    span.lo = window > 0 ? std::clamp<int64_t>(pos[i] - window + 1, 0, start) : 0;
+    span.hi = start;
+    for (int64_t j = 0; j < n; j++) {
+      const bool sees = allowed ? allowed[i * n + j] : j <= i;
+      if (sees && (window <= 0 || pos[j] > pos[i] - window)) span.extra.push_back(start + j);
+    }
+    TORCH_CHECK(span.size() > 0, "row ", i, " attends to nothing");
+  }
+  return spans;
+}
+
+}  // namespace
+
+namespace onepass {
+
+// Runs every layer on rows x [n, hidden] at cache rows start..start + n, writing their K/V;
+// returns the hidden states after the last layer. Arguments as layer_stack.decoder_layers,
+// with packed weights from small_gemm_pack and the rotation as [n, head_dim / 2, 2] (cos, sin).
+at::Tensor decode_layers(const at::Tensor& x_in, double eps, const std::vector<at::Tensor>& packed,
+                         const std::vector<int64_t>& out_features,
+                         const c10::List<std::optional<at::Tensor>>& biases, at::Tensor& cache_k,
+                         at::Tensor& cache_v, const at::Tensor& rotation_in,
+                         const at::Tensor& positions_in, int64_t start,
+                         const std::vector<int64_t>& heads, const std::optional<at::Tensor>& mask_in,
+                         int64_t window) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
+              "x must be a 2-D float32 CPU tensor");
+  TORCH_CHECK(heads.size() == 3, "heads must be [query heads, kv heads, head_dim]");
+  const int64_t nh = heads[0], nkv = heads[1], hd = heads[2];
+  const int64_t n = x_in.size(0), H = x_in.size(1);
+  const int64_t layers = cache_k.size(0), max_len = cache_k.size(2);
+  TORCH_CHECK(hd == 64 || hd == 128, "head_dim must be 64 or 128");
+  TORCH_CHECK(nh % nkv == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous() &&
+                  cache_k.scalar_type() == at::kFloat && cache_v.sizes() == cache_k.sizes() &&
+                  cache_k.size(1) == nkv && cache_k.size(3) == hd,
+              "caches must be contiguous float32 [layers, kv_heads, max_len, head_dim]");
+  TORCH_CHECK(static_cast<int64_t>(packed.size()) == 4 * layers &&
+                  out_features.size() == packed.size() &&
+                  static_cast<int64_t>(biases.size()) == 4 * layers,
+              "4 packed weights, sizes and biases per layer");
+  TORCH_CHECK(start >= 0 && start + n <= max_len, "the new rows do not fit in the cache");
+  const auto rotation = rotation_in.contiguous();
+  const auto positions = positions_in.to(at::kLong).contiguous();
+  TORCH_CHECK(rotation.scalar_type() == at::kFloat && rotation.numel() == n * hd,
+              "rotation must be float32 [n, head_dim / 2, 2]");
+  TORCH_CHECK(positions.numel() == n, "one position per row");
+  std::optional<at::Tensor> mask;
+  if (mask_in) {
+    mask = mask_in->to(at::kBool).contiguous();
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == n && mask->size(1) == n, "mask must be [n, n]");
+  }
+  const auto spans = key_spans(positions, start, mask, window);
+
+  auto x = x_in.contiguous().clone();
+  auto normed = at::empty({n, H}, x.options());
+  auto q = at::empty({n, nh * hd}, x.options());
+  auto attended = at::empty({n, nh * hd}, x.options());
+  float* xp = x.data_ptr<float>();
+  const float* rot = rotation.data_ptr<float>();
+  const AttentionShape shape{n, nh, nkv, max_len, static_cast<float>(1.0 / std::sqrt(hd))};
+
+  auto project = [&](const at::Tensor& input, int64_t j) {
+    auto y = small_gemm(input, packed[j], out_features[j]);
+    const std::optional<at::Tensor> bias = biases.get(j);
+    if (bias && bias->defined()) y.add_(*bias);
+    return y;
+  };
+  auto normalize_rows = [&]() {
+    for (int64_t r = 0; r < n; r++) rms_normalize(xp + r * H, normed.data_ptr<float>() + r * H, H, static_cast<float>(eps));
+  };
+  auto add_rows = [&](const at::Tensor& y) {
+    TORCH_CHECK(y.size(1) == H, "a projection back to the residual has the wrong width");
+    for (int64_t r = 0; r < n; r++) add_into(xp + r * H, y.data_ptr<float>() + r * H, H);
+  };
+
+  for (int64_t l = 0; l < layers; l++) {
+    float* ck = cache_k.data_ptr<float>() + l * nkv * max_len * hd;
+    float* cv = cache_v.data_ptr<float>() + l * nkv * max_len * hd;
+    normalize_rows();
+    const auto qkv = project(normed, 4 * l);
+    TORCH_CHECK(qkv.size(1) == (nh + 2 * nkv) * hd, "qkv projection has the wrong width");
+    for (int64_t r = 0; r < n; r++) {
+      const float* row = qkv.data_ptr<float>() + r * (nh + 2 * nkv) * hd;
+      const float* rot_r = rot + r * hd;
+      for (int64_t h = 0; h < nh; h++) rotate(row + h * hd, rot_r, q.data_ptr<float>() + (r * nh + h) * hd, hd);
+      for (int64_t h = 0; h < nkv; h++) {
+        const int64_t cache_row = (h * max_len + start + r) * hd;
+        rotate(row + (nh + h) * hd, rot_r, ck + cache_row, hd);
+        std::copy_n(row + (nh + nkv + h) * hd, hd, cv + cache_row);
+      }
+    }
+    if (hd == 64) {
+      attend<4>(q.data_ptr<float>(), ck, cv, spans, shape, attended.data_ptr<float>());
+    } else {
+      attend<8>(q.data_ptr<float>(), ck, cv, spans, shape, attended.data_ptr<float>());
+    }
+    add_rows(project(attended, 4 * l + 1));
+    normalize_rows();
+    const auto gate_up = project(normed, 4 * l + 2);
+    const int64_t I = gate_up.size(1) / 2;
+    auto act = at::empty({n, I}, x.options());
+    for (int64_t r = 0; r < n; r++) silu_mul(gate_up.data_ptr<float>() + r * 2 * I, act.data_ptr<float>() + r * I, I);
+    add_rows(project(act, 4 * l + 3));
+  }
+  return x;
+}
+
+}  // namespace onepass
+
+TORCH_LIBRARY_FRAGMENT(onepass, m) {
+  m.def(
+      "decode_layers(Tensor x, float eps, Tensor[] packed, int[] out_features, Tensor?[] biases, "
+      "Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor rotation, Tensor positions, int start, "
+      "int[] heads, Tensor? mask, int window) -> Tensor",
+      onepass::decode_layers);
+}
