@@ -134,14 +134,11 @@ struct AttentionShape {
   float scale;
 };
 
-// The query vectors (row, query head) that one kv head serves, numbered v = row * group + g.
-struct Queries {
-  const float* q;  // [n][heads][hd]
-  float* out;      // [n][heads][hd]
-  int64_t h, group, heads, hd;
-  int64_t offset(int64_t v) const { return ((v / group) * heads + h * group + v % group) * hd; }
-  const float* query(int64_t v) const { return q + offset(v); }
-  float* output(int64_t v) const { return out + offset(v); }
+// One query vector (a row's query head) and where its output goes.
+struct QueryVector {
+  const float* q;         // [hd]
+  float* out;             // [hd]
+  const KeySpan* span;    // the row's keys
 };
 
 // Dot product of q (C registers) with one key: C lanes-wise products summed in order.
@@ -187,26 +184,26 @@ void accumulate_values(const float* const* p, const float* values, int64_t count
     for (int k = 0; k < C; k++) _mm512_storeu_ps(out[g] + k * kLanes, acc[g][k]);
 }
 
-// Softmax attention of the query vectors v_lo..v_hi of one kv head, whose rows share the same
-// run of the cache. keys, values: this kv head's cache, [max_len][hd]. The full 16-key blocks
-// of the run are scored for all the vectors while they are in L1, the run's values are added a
-// few vectors at a time; each vector's remaining keys (the run's last partial block, its
+// Softmax attention of query vectors of one kv head whose rows share the same run of the
+// cache. keys, values: this kv head's cache, [max_len][hd]. The full 16-key blocks of the run
+// are scored for all the vectors while they are in L1, the run's values are added a few vectors
+// at a time per block of keys; each vector's remaining keys (the run's last partial block, its
 // ancestors among the new rows) follow, one vector at a time, in the same order and arithmetic.
 template <int C>
-void attend_job(const Queries& qs, const float* keys, const float* values,
-                const std::vector<KeySpan>& spans, int64_t v_lo, int64_t v_hi, float scale,
-                std::vector<float>& scratch) {
+void attend_job(const QueryVector* vectors, int64_t count, const float* keys,
+                const float* values, float scale, std::vector<float>& scratch) {
   constexpr int64_t hd = C * kLanes;
   constexpr int kBlock = C <= 4 ? 6 : 2;  // vectors whose value sums stay in registers
-  const int64_t count = v_hi - v_lo;
-  const KeySpan& first = spans[v_lo / qs.group];
-  const int64_t lo = first.lo, run = first.hi - first.lo, full = run / kLanes * kLanes;
+  const int64_t lo = vectors[0].span->lo, run = vectors[0].span->hi - lo;
+  const int64_t full = run / kLanes * kLanes;
   int64_t stride = 0;
-  for (int64_t v = v_lo; v < v_hi; v++) stride = std::max(stride, spans[v / qs.group].size());
-  stride = (stride + kLanes - 1) / kLanes * kLanes;
+  for (int64_t v = 0; v < count; v++) stride = std::max(stride, vectors[v].span->size());
+  // One more register's width: a stride of a multiple of 4 KB puts every vector's scores on the
+  // same cache sets and stalls on address aliasing (measured 4x slower at 1000 keys).
+  stride = (stride + kLanes - 1) / kLanes * kLanes + kLanes;
   scratch.resize(count * (stride + 1));
   float* inv_sum = scratch.data() + count * stride;
-  auto probs = [&](int64_t v) { return scratch.data() + (v - v_lo) * stride; };
+  auto probs = [&](int64_t v) { return scratch.data() + v * stride; };
   const __m512 scale16 = _mm512_set1_ps(scale);
   __m512 qv[C];
 
@@ -214,18 +211,18 @@ void attend_job(const Queries& qs, const float* keys, const float* values,
   const float* key_rows[kLanes];
   for (int64_t b = 0; b < full; b += kLanes) {
     for (int j = 0; j < kLanes; j++) key_rows[j] = keys + (lo + b + j) * hd;
-    for (int64_t v = v_lo; v < v_hi; v++) {
-      load_query<C>(qs.query(v), qv);
+    for (int64_t v = 0; v < count; v++) {
+      load_query<C>(vectors[v].q, qv);
       _mm512_storeu_ps(probs(v) + b, scores16<C>(qv, key_rows, scale16));
     }
   }
   // Each vector's remaining scores, then its softmax.
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t v = v_lo; v < v_hi; v++) {
-    const KeySpan& span = spans[v / qs.group];
+  for (int64_t v = 0; v < count; v++) {
+    const KeySpan& span = *vectors[v].span;
     const int64_t L = span.size();
     float* s = probs(v);
-    load_query<C>(qs.query(v), qv);
+    load_query<C>(vectors[v].q, qv);
     for (int64_t b = full; b < L; b += kLanes) {
       for (int j = 0; j < kLanes; j++) key_rows[j] = keys + span.row(std::min(b + j, L - 1)) * hd;
       _mm512_storeu_ps(s + b, scores16<C>(qv, key_rows, scale16));  // past L: ignored
@@ -242,19 +239,19 @@ void attend_job(const Queries& qs, const float* keys, const float* values,
       _mm512_storeu_ps(s + b, p);
       total = _mm512_add_ps(total, p);
     }
-    inv_sum[v - v_lo] = 1.0f / _mm512_reduce_add_ps(total);
-    std::fill_n(qs.output(v), hd, 0.0f);
+    inv_sum[v] = 1.0f / _mm512_reduce_add_ps(total);
+    std::fill_n(vectors[v].out, hd, 0.0f);
   }
   // Values of the run: blocks of keys that stay in L1, kBlock vectors at a time.
   constexpr int64_t kKeys = 64;
   for (int64_t k0 = 0; k0 < run; k0 += kKeys) {
     const int64_t keys_now = std::min(kKeys, run - k0);
     const float* vp = values + (lo + k0) * hd;
-    for (int64_t v0 = v_lo; v0 < v_hi; v0 += kBlock) {
+    for (int64_t v0 = 0; v0 < count; v0 += kBlock) {
       const float* p[kBlock];
       float* o[kBlock];
-      const int64_t m = std::min<int64_t>(kBlock, v_hi - v0);
-      for (int64_t g = 0; g < m; g++) p[g] = probs(v0 + g) + k0, o[g] = qs.output(v0 + g);
+      const int64_t m = std::min<int64_t>(kBlock, count - v0);
+      for (int64_t g = 0; g < m; g++) p[g] = probs(v0 + g) + k0, o[g] = vectors[v0 + g].out;
       switch (m) {
         case 1: accumulate_values<C, 1>(p, vp, keys_now, o); break;
         case 2: accumulate_values<C, 2>(p, vp, keys_now, o); break;
@@ -266,23 +263,23 @@ void attend_job(const Queries& qs, const float* keys, const float* values,
     }
   }
   // Then each vector's other keys, and the normalization.
-  for (int64_t v = v_lo; v < v_hi; v++) {
-    const KeySpan& span = spans[v / qs.group];
+  for (int64_t v = 0; v < count; v++) {
+    const KeySpan& span = *vectors[v].span;
     const float* p = probs(v);
-    float* o = qs.output(v);
+    float* o = vectors[v].out;
     for (int64_t c = run; c < span.size(); c++) {
       const float* pc = p + c;
       accumulate_values<C, 1>(&pc, values + span.row(c) * hd, 1, &o);
     }
-    const __m512 inv = _mm512_set1_ps(inv_sum[v - v_lo]);
+    const __m512 inv = _mm512_set1_ps(inv_sum[v]);
     for (int k = 0; k < C; k++) _mm512_storeu_ps(o + k * kLanes, _mm512_mul_ps(_mm512_loadu_ps(o + k * kLanes), inv));
   }
 }
 
 // Grouped-query attention of n rows. q, out: [n][heads][hd]; keys, values: one layer's cache,
-// [kv_heads][max_len][hd], the new rows already written. The query vectors are split evenly
-// between threads in kv-head order; a thread's vectors of one kv head with the same cache run
-// form a job.
+// [kv_heads][max_len][hd], the new rows already written. The query vectors of each kv head
+// (row-major: v = row * group + g) are split evenly between threads in kv-head order; a thread's
+// consecutive vectors of one kv head with the same cache run form a job.
 template <int C>
 void attend(const float* q, const float* keys, const float* values,
             const std::vector<KeySpan>& spans, const AttentionShape& s, float* out) {
@@ -290,16 +287,26 @@ void attend(const float* q, const float* keys, const float* values,
   const int64_t group = s.heads / s.kv_heads, per_head = s.n * group;
   at::parallel_for(0, s.kv_heads * per_head, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
-    for (int64_t u = begin; u < end;) {
-      const int64_t h = u / per_head, v_lo = u % per_head;
-      const int64_t v_end = std::min(per_head, end - h * per_head);
-      int64_t v_hi = v_lo + 1;
-      const KeySpan& run = spans[v_lo / group];
-      while (v_hi < v_end && spans[v_hi / group].lo == run.lo && spans[v_hi / group].hi == run.hi) v_hi++;
-      const Queries qs{q, out, h, group, s.heads, hd};
-      attend_job<C>(qs, keys + h * s.max_len * hd, values + h * s.max_len * hd, spans, v_lo, v_hi,
-                    s.scale, scratch);
-      u += v_hi - v_lo;
+    std::vector<QueryVector> job;
+    for (int64_t u = begin; u < end; u++) {
+      const int64_t h = u / per_head, v = u % per_head, row = v / group;
+      const int64_t offset = (row * s.heads + h * group + v % group) * hd;
+      const QueryVector vector{q + offset, out + offset, &spans[row]};
+      if (!job.empty()) {
+        const KeySpan& run = *job.front().span;
+        if (u % per_head == 0 || spans[row].lo != run.lo || spans[row].hi != run.hi) {
+          const int64_t hj = (u - 1) / per_head;
+          attend_job<C>(job.data(), job.size(), keys + hj * s.max_len * hd,
+                        values + hj * s.max_len * hd, s.scale, scratch);
+          job.clear();
+        }
+      }
+      job.push_back(vector);
+    }
+    if (!job.empty()) {
+      const int64_t hj = (end - 1) / per_head;
+      attend_job<C>(job.data(), job.size(), keys + hj * s.max_len * hd,
+                    values + hj * s.max_len * hd, s.scale, scratch);
     }
   });
 }
