@@ -235,10 +235,10 @@ FUSED = {"head_dim": 64}  # the fused decoder takes head_dim 64 or 128
 
 
 @needs_kernels
-@pytest.mark.parametrize(("arch", "overrides"), ARCHS)
+@pytest.mark.parametrize(("arch", "overrides"), [*ARCHS, ("llama", {"head_dim": 128})])
 def test_fused_decoder_matches_transformers(arch, overrides):
     """decoder.cpp (every decoding step on AVX-512 CPUs): one token at a time, then a chain."""
-    native, model = tiny_pair(arch, **FUSED, **overrides)
+    native, model = tiny_pair(arch, **{**FUSED, **overrides})
     assert native.fused
     ids = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(5))
     ref = reference_logits(model, ids)
@@ -252,12 +252,15 @@ def test_fused_decoder_matches_transformers(arch, overrides):
 
 
 @needs_kernels
-@pytest.mark.parametrize(("arch", "overrides"), [("llama", {}), ("mistral", {"sliding_window": 4})])
+@pytest.mark.parametrize(
+    ("arch", "overrides"),
+    [("llama", {}), ("llama", {"head_dim": 128}), ("mistral", {"sliding_window": 4})],
+)
 def test_fused_tree_rows_equal_plain_decoding_bit_for_bit(arch, overrides):
     """The fused decoder's row independence: each row of a tree forward has exactly the logits
     plain decoding (one token per forward) gives at the end of that row's path, with a sliding
     window cutting into the cache and into the tree too."""
-    native, _ = tiny_pair(arch, **FUSED, **overrides)
+    native, _ = tiny_pair(arch, **{**FUSED, **overrides})
     prompt = torch.randint(0, 97, (20,), generator=torch.Generator().manual_seed(6))
     tree = Tree((-1, 0, 1, 2, 0, 4, -1, 6, 3, 8))  # branches of depth 2 to 6 under the root
     ids = torch.randint(0, 97, (11,), generator=torch.Generator().manual_seed(7))
