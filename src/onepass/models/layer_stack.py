@@ -8,6 +8,10 @@ Graph optimization stays off when calling it (models/llama.py): the profiling ex
 re-specialize for every new row count. torch.compile was measured too and rejected: minutes of
 compilation, and slower calls with the changing row counts of speculative decoding.
 
+It runs the prompt's prefill, and every step where onepass's C++ decoder (decoder.cpp, the same
+layers with fused elementwise ops and a row-independent attention) is not available: GPU, half
+precision, no AVX-512 or compiler.
+
 The function is plain PyTorch and stays valid Python: if scripting is unavailable (a future
 PyTorch without TorchScript), it runs eagerly with identical results.
 """
