@@ -155,9 +155,14 @@ def test_gguf_weights_equal_transformers_gguf_loader():
         assert torch.equal(torch.as_tensor(theirs[name]).float(), loaded.weights[name]), name
 
 
+def kernels_here() -> bool:
+    from onepass.models import cpu_kernels
+
+    return cpu_kernels.usable(torch.device("cpu"), torch.float32)
+
+
 def packed_gemms() -> list:
     """The packed GEMMs this machine can run; the others are parametrized as skipped."""
-    from onepass.models import cpu_kernels
     from onepass.models.layer_stack import GEMM_MKL, GEMM_SMALL
     from onepass.models.llama import mkl_packing_available
 
@@ -173,9 +178,7 @@ def packed_gemms() -> list:
         pytest.param(
             GEMM_SMALL,
             id="small",
-            marks=pytest.mark.skipif(
-                not cpu_kernels.usable(cpu, fp32), reason="no AVX-512 or no compiler here"
-            ),
+            marks=pytest.mark.skipif(not kernels_here(), reason="no AVX-512 or no compiler here"),
         ),
     ]
 
@@ -222,12 +225,6 @@ def test_scripted_layers_equal_eager_layers():
         native.prefill(ids[:15])
         outputs.append(native.forward(ids[15:], tree.positions(15), tree.mask()).logits)
     assert torch.equal(outputs[0], outputs[1])
-
-
-def kernels_here() -> bool:
-    from onepass.models import cpu_kernels
-
-    return cpu_kernels.usable(torch.device("cpu"), torch.float32)
 
 
 needs_kernels = pytest.mark.skipif(not kernels_here(), reason="no AVX-512 or no compiler here")

@@ -9,8 +9,8 @@ On CPU in float32 with AVX-512, a decoding step runs as one C++ op, onepass's fu
 (decoder.cpp): its linear layers multiply by onepass's small-GEMM kernel (small_gemm.cpp) and
 its attention walks each row's visible keys in position order. Row i of a step is computed
 exactly as plain decoding computes it, whatever the other rows are, by construction: scoring a
-draft uses plain decoding's arithmetic per token, and a forward of 12 rows costs little more
-than one of 1 row. Elsewhere (GPU, half precision, no compiler) the layers run as one
+draft uses plain decoding's arithmetic per token, and a forward of 12 rows costs about 1.3
+forwards of one. Elsewhere (GPU, half precision, no compiler) the layers run as one
 TorchScript function (layer_stack.py) with MKL's packed GEMM where available, which is
 row-independent for the default model's shapes but not for every shape (tests/test_backend.py).
 The prompt's prefill always runs the TorchScript layers with plain GEMM, the fastest for
@@ -253,7 +253,7 @@ class NativeDecoder:
     def _run(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool, gemm: int):
         cfg = self.config
         heads = [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim]
-        if self.fused and gemm == GEMM_SMALL:
+        if self.fused and gemm == GEMM_SMALL:  # a decoding step (prefill asks for GEMM_PLAIN)
             x = torch.ops.onepass.decode_layers(
                 self.embed[ids],
                 cfg.rms_norm_eps,
