@@ -362,6 +362,11 @@ at::Tensor decode_layers(const at::Tensor& x_in, double eps, const std::vector<a
                   out_features.size() == packed.size() &&
                   static_cast<int64_t>(biases.size()) == 4 * layers,
               "4 packed weights, sizes and biases per layer");
+  for (int64_t l = 0; l < layers; l++) {  // widths checked before anything is written
+    TORCH_CHECK(out_features[4 * l] == (nh + 2 * nkv) * hd && out_features[4 * l + 1] == H &&
+                    out_features[4 * l + 2] % 2 == 0 && out_features[4 * l + 3] == H,
+                "layer ", l, ": projection widths do not match the heads and hidden size");
+  }
   TORCH_CHECK(start >= 0 && start + n <= max_len, "the new rows do not fit in the cache");
   const auto rotation = rotation_in.contiguous();
   const auto positions = positions_in.to(at::kLong).contiguous();
@@ -393,7 +398,6 @@ at::Tensor decode_layers(const at::Tensor& x_in, double eps, const std::vector<a
     for (int64_t r = 0; r < n; r++) rms_normalize(xp + r * H, normed.data_ptr<float>() + r * H, H, static_cast<float>(eps));
   };
   auto add_rows = [&](const at::Tensor& y) {
-    TORCH_CHECK(y.size(1) == H, "a projection back to the residual has the wrong width");
     for (int64_t r = 0; r < n; r++) add_into(xp + r * H, y.data_ptr<float>() + r * H, H);
   };
 
@@ -402,7 +406,6 @@ at::Tensor decode_layers(const at::Tensor& x_in, double eps, const std::vector<a
     float* cv = cache_v.data_ptr<float>() + l * nkv * max_len * hd;
     normalize_rows();
     const auto qkv = project(normed, 4 * l);
-    TORCH_CHECK(qkv.size(1) == (nh + 2 * nkv) * hd, "qkv projection has the wrong width");
     for (int64_t r = 0; r < n; r++) {
       const float* row = qkv.data_ptr<float>() + r * (nh + 2 * nkv) * hd;
       const float* rot_r = rot + r * hd;
