@@ -50,16 +50,17 @@ def two_questions(path: Path) -> Path:
 class FakeRunner:
     """Returns fixed tokens; seconds[i] is the time of its i-th call (call 0 = warm-up)."""
 
-    def __init__(self, name, log, tokens=(1, 2, 3, 4), seconds=(1.0,), stats=None):
+    def __init__(self, name, log, tokens=(1, 2, 3, 4), seconds=(1.0,), stats=None, prefill=None):
         self.name, self.log, self.tokens = name, log, list(tokens)
         self.seconds, self.stats, self.calls = list(seconds), stats, 0
+        self.prefill = prefill  # seconds to the first token, reported by every call (or None)
 
     def run(self, prompt_ids, max_tokens):
         self.log.append((self.name, tuple(prompt_ids), max_tokens))
         seconds = self.seconds[min(self.calls, len(self.seconds) - 1)]
         self.calls += 1
         stats = self.stats.pop(0) if self.stats else None
-        return Turn(list(self.tokens), f"answer of {self.name}", seconds, stats)
+        return Turn(list(self.tokens), f"answer of {self.name}", seconds, stats, self.prefill)
 
 
 def encode_by_length(messages):
@@ -243,6 +244,25 @@ def test_summary_speedup_is_geometric_mean_of_per_prompt_ratios():
     assert list(summary["m"]) == ["overall", "a", "b"]
 
 
+def test_decode_speedup_leaves_the_prefill_out():
+    """11 tokens, prefill 0.5 s: vanilla 10 tokens in 1.0 s after it, the method 10 in 0.25 s
+    -> 4x without prefill, 1.5 / 0.75 = 2x with it. Runners that do not report their prefill
+    (peers) get no decode speedup."""
+    eleven = (1,) * 11
+    vanilla = FakeRunner("vanilla", [], eleven, seconds=[1.5], prefill=0.5)
+    method = FakeRunner("m", [], eleven, seconds=[0.75], prefill=0.5)
+    peer = FakeRunner("peer", [], eleven, seconds=[0.75])
+    records = run_questions(QUESTIONS[:1], [vanilla, method, peer], encode_by_length, max_tokens=11)
+    by_method = {r.method: r for r in records}
+    assert by_method["m"].speedup == pytest.approx(2.0)
+    assert by_method["m"].decode_speedup == pytest.approx(4.0)
+    assert by_method["peer"].speedup == pytest.approx(2.0)
+    assert by_method["peer"].decode_speedup is None
+    summary = summarize(records)
+    assert summary["m"]["overall"]["decode_speedup"] == pytest.approx(4.0)
+    assert summary["peer"]["overall"]["decode_speedup"] is None
+
+
 # -- report, plots, atomic writes ---------------------------------------------------------------
 
 
@@ -274,6 +294,7 @@ def test_markdown_report_has_the_tables():
     text = report.render_markdown(fake_results())
     for heading in (
         "Speedup over plain decoding",
+        "Speedup excluding prefill",
         "Tokens per second",
         "Mean acceptance length",
         "Greedy output identical to vanilla",
@@ -281,7 +302,7 @@ def test_markdown_report_has_the_tables():
         "Environment",
     ):
         assert f"\n## {heading}\n" in text
-    assert text.count("| method | overall | a | b |") == 4
+    assert text.count("| method | overall | a | b |") == 5
     assert "| ngram | 2.00x | 2.00x | 2.00x |" in text
     assert "| ngram | 75% | 25% |" in text  # by position, pooled: (2 + 1) / 4, (1 + 0) / 4
     assert "onepass bench --max-tokens 4" in text and "| cpu | test cpu |" in text

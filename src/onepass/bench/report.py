@@ -80,6 +80,11 @@ def summary_tables(results: dict[str, Any]) -> str:
         "## Speedup over plain decoding",
         "Geometric mean over prompts of (method tokens/s / vanilla tokens/s on the same prompt).",
         metric_table(results, "speedup", "speedup"),
+        "## Speedup excluding prefill",
+        "The same ratio for the decoding loop alone: tokens after the first / seconds after "
+        "the first token. The prompt's prefill is the same work for every method; "
+        f"{MISSING} = not reported (peers).",
+        metric_table(results, "decode_speedup", "speedup"),
         "## Tokens per second",
         "Total new tokens / total decoding seconds (prefill included).",
         metric_table(results, "tokens_per_s", "rate"),

@@ -68,6 +68,16 @@ class Conversation:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
     @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens after each turn's first / seconds after it: the decoding loop without the
+        prompt's prefill. None if the runner does not report its prefill time."""
+        if any(t.prefill_seconds is None for t in self.turns):
+            return None
+        seconds = self.seconds - sum(t.prefill_seconds for t in self.turns)
+        tokens = self.new_tokens - sum(1 for t in self.turns if t.token_ids)
+        return tokens / seconds if seconds > 0 and tokens > 0 else None
+
+    @property
     def stats(self) -> SpecDecodeStats | None:
         if any(t.stats is None for t in self.turns):
             return None
@@ -110,6 +120,9 @@ class Record:
     tokens_per_s: float
     speedup: float | None
     """tokens/s over vanilla's tokens/s on the same question (None if either is 0)."""
+    decode_speedup: float | None
+    """The same ratio without the prompt's prefill (decode_tokens_per_s; None for runners that
+    do not report their prefill time)."""
     mean_acceptance_length: float | None
     identical_to_vanilla: bool | None
     """Greedy only: the same token ids as vanilla in every turn (None when sampling)."""
@@ -137,6 +150,7 @@ def make_record(
     run = median_run(runs)
     stats = run.stats
     rates_ok = run.tokens_per_s > 0 and vanilla.tokens_per_s > 0
+    decode, decode_vanilla = run.decode_tokens_per_s, vanilla.decode_tokens_per_s
     return Record(
         question_id=question.question_id,
         category=question.category,
@@ -146,6 +160,7 @@ def make_record(
         seconds=run.seconds,
         tokens_per_s=run.tokens_per_s,
         speedup=run.tokens_per_s / vanilla.tokens_per_s if rates_ok else None,
+        decode_speedup=decode / decode_vanilla if decode and decode_vanilla else None,
         mean_acceptance_length=stats.mean_acceptance_length if stats else None,
         identical_to_vanilla=run.token_ids == vanilla.token_ids if greedy else None,
         num_drafts=stats.num_drafts if stats else None,
@@ -203,10 +218,11 @@ def geometric_mean(values: Sequence[float]) -> float:
 
 
 def group_summary(records: Sequence[Record]) -> dict[str, Any]:
-    """speedup: geometric mean of per-question ratios; tokens_per_s: total new tokens / total
-    seconds; acceptance: vLLM's pooled counts (1 + accepted / drafts; accepted_per_pos[d] /
-    drafts)."""
+    """speedup (and decode_speedup, prefill excluded): geometric mean of per-question ratios;
+    tokens_per_s: total new tokens / total seconds; acceptance: vLLM's pooled counts
+    (1 + accepted / drafts; accepted_per_pos[d] / drafts)."""
     ratios = [r.speedup for r in records if r.speedup is not None]
+    decode_ratios = [r.decode_speedup for r in records if r.decode_speedup is not None]
     seconds = sum(r.seconds for r in records)
     counted = [r for r in records if r.num_drafts]
     drafts = sum(r.num_drafts for r in counted)
@@ -218,6 +234,7 @@ def group_summary(records: Sequence[Record]) -> dict[str, Any]:
     checked = [r.identical_to_vanilla for r in records if r.identical_to_vanilla is not None]
     return {
         "speedup": geometric_mean(ratios) if ratios else None,
+        "decode_speedup": geometric_mean(decode_ratios) if decode_ratios else None,
         "tokens_per_s": sum(r.new_tokens for r in records) / seconds if seconds > 0 else 0.0,
         "mean_acceptance_length": (
             1 + sum(r.num_accepted_tokens for r in counted) / drafts if drafts else None

@@ -88,6 +88,8 @@ class Turn:
     seconds: float
     stats: SpecDecodeStats | None = None
     """Speculative decoding counts; None when the runner does not report them (peers)."""
+    prefill_seconds: float | None = None
+    """Time to the first token (the prompt's prefill); None when the runner does not report it."""
 
 
 class Runner(Protocol):
@@ -130,8 +132,13 @@ class OnepassRunner:
             {"prompt_token_ids": prompt_ids}, params, speculative_config=self.spec
         )[0]
         completion = out.outputs[0]
+        metrics = out.metrics
         return Turn(
-            completion.token_ids, completion.text, out.metrics.total_seconds, out.metrics.spec
+            completion.token_ids,
+            completion.text,
+            metrics.total_seconds,
+            metrics.spec,
+            metrics.prefill_seconds,
         )
 
 
