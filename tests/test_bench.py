@@ -14,7 +14,7 @@ import pytest
 from onepass.bench import report
 from onepass.bench.questions import BenchError, Question, load_questions, select
 from onepass.bench.run import geometric_mean, run_questions, summarize
-from onepass.bench.runners import Turn
+from onepass.bench.runners import Stateless, Turn
 from onepass.cli import build_parser, main
 from onepass.errors import OnepassError
 from onepass.outputs import SpecDecodeStats
@@ -47,7 +47,7 @@ def two_questions(path: Path) -> Path:
     )
 
 
-class FakeRunner:
+class FakeRunner(Stateless):
     """Returns fixed tokens; seconds[i] is the time of its i-th call (call 0 = warm-up)."""
 
     def __init__(self, name, log, tokens=(1, 2, 3, 4), seconds=(1.0,), stats=None, prefill=None):
@@ -157,6 +157,37 @@ def test_repeats_keep_the_median_run():
     assert ngram.repeat_seconds == [4.0, 1.0, 2.0]
     assert ngram.seconds == 2.0 and ngram.tokens_per_s == 2.0
     assert ngram.speedup == pytest.approx(1.0)
+
+
+class LearningRunner(FakeRunner):
+    """Twice as fast on a prompt it has seen: a drafter that remembers answers."""
+
+    def __init__(self, name, log):
+        super().__init__(name, log)
+        self.seen: set = set()
+
+    def checkpoint(self):
+        return set(self.seen)
+
+    def rewind(self, state):
+        self.seen = set(state)
+
+    def run(self, prompt_ids, max_tokens):
+        turn = super().run(prompt_ids, max_tokens)
+        turn.seconds = 0.5 if tuple(prompt_ids) in self.seen else 1.0
+        self.seen.add(tuple(prompt_ids))
+        return turn
+
+
+def test_every_repeat_starts_from_what_the_runner_knew_before_the_prompt():
+    log: list = []
+    vanilla, learner = FakeRunner("vanilla", log), LearningRunner("ngram", log)
+    records = run_questions(
+        QUESTIONS, [vanilla, learner], encode_by_length, max_tokens=4, repeats=3
+    )
+    # The first question is the warm-up's prompt, so its first repeat is already a second run.
+    assert [r.repeat_seconds for r in records if r.method == "ngram"] == [[0.5] * 3, [1.0] * 3]
+    assert learner.seen == {(len("first"),), (len("second question"),)}  # one run's learning
 
 
 def test_multi_turn_feeds_the_runners_own_answer_back():

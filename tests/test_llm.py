@@ -102,3 +102,29 @@ def test_context_full_finishes_with_length():
     c = out[0].outputs[0]
     assert c.finish_reason == "length"
     assert len(ids) + len(c.token_ids) == 40 + 1  # the last token needs no KV row of its own
+
+
+def test_restored_drafter_drafts_as_before_the_requests_it_learned_from(llm):
+    # Recycling persists its memory across requests: a second run of the same prompt drafts
+    # from the first run's answer. Restoring the snapshot must undo exactly that.
+    config = {"method": "recycling", "tree": [[0], [0, 0], [0, 0, 0], [1]]}
+    params = SamplingParams(temperature=0, max_tokens=48)
+    warm = llm.generate("Name three rivers.", params, speculative_config=config)[0]
+    snapshot = llm.snapshot_drafter(config)
+
+    def accepted() -> tuple[int, int]:
+        spec = llm.generate(PROMPT, params, speculative_config=config)[0].metrics.spec
+        return spec.num_drafts, spec.num_accepted_tokens
+
+    first = accepted()
+    again = accepted()  # drafts from the first run's answer
+    llm.restore_drafter(snapshot)
+    assert accepted() == first != again
+    assert llm.snapshot_drafter(None) is None  # plain decoding learns nothing
+    assert warm.metrics.spec.num_drafts  # the drafter was built and used before the snapshot
+    fresh = {"method": "recycling", "top_k": 4}
+    llm.restore_drafter(llm.snapshot_drafter(fresh))  # not built yet: rebuilt fresh, no error
+    assert llm.generate(PROMPT, params, speculative_config=fresh)[0].outputs[0].token_ids
+
+
+PROMPT = "Summarize: the quick brown fox jumps over the lazy dog, and the dog sleeps on."

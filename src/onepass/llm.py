@@ -5,12 +5,13 @@ text, and applies stop conditions."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,14 @@ Message = dict[str, str]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _request_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class DrafterSnapshot:
+    """LLM.snapshot_drafter's copy of one speculative config's drafter (None: not built yet)."""
+
+    key: str
+    drafter: Drafter | None
 
 
 class LLM:
@@ -134,6 +143,29 @@ class LLM:
             self._cost_model = cached_cost_model(self.backend, self._model_key, self.cache_dir)
         return self._cost_model
 
+    def snapshot_drafter(
+        self, speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
+    ) -> DrafterSnapshot | None:
+        """A copy of the drafter this config uses, as it stands: what it has learned from earlier
+        requests (recycling's memory, auto's estimates) included. None for plain decoding.
+        restore_drafter(snapshot) puts it back, e.g. to time the same prompt twice without the
+        second run drafting from what the first one saw."""
+        spec = self._spec(speculative_config)
+        if spec is None:
+            return None
+        key = self._drafter_key(spec)
+        drafter = self._drafters.get(key)
+        return DrafterSnapshot(key, None if drafter is None else self._copy(drafter))
+
+    def restore_drafter(self, snapshot: DrafterSnapshot | None) -> None:
+        """Make the drafter what it was at snapshot_drafter (a snapshot can be restored again)."""
+        if snapshot is None:
+            return
+        if snapshot.drafter is None:  # not built then: the next request builds a fresh one
+            self._drafters.pop(snapshot.key, None)
+        else:
+            self._drafters[snapshot.key] = self._copy(snapshot.drafter)
+
     def chat_token_ids(self, messages: Sequence[Message]) -> list[int]:
         if not messages:
             raise ValueError("messages is empty")
@@ -152,6 +184,15 @@ class LLM:
     def _eos_token_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         return sorted(ids)
+
+    @staticmethod
+    def _drafter_key(spec: SpeculativeConfig) -> str:
+        return json.dumps(spec.as_dict(), sort_keys=True, default=str)
+
+    def _copy(self, drafter: Drafter) -> Drafter:
+        """A deep copy of a drafter's own state; the model, tokenizer and LLM stay shared."""
+        shared = (self, self.backend, self.tokenizer)
+        return copy.deepcopy(drafter, {id(o): o for o in shared})
 
     def _params(self, params: SamplingParams | None) -> SamplingParams:
         return params if params is not None else SamplingParams()
@@ -188,7 +229,7 @@ class LLM:
     def _drafter(self, spec: SpeculativeConfig | None) -> Drafter:
         if spec is None:
             return NoDrafter()
-        key = json.dumps(spec.as_dict(), sort_keys=True, default=str)
+        key = self._drafter_key(spec)
         if key not in self._drafters:
             context = DraftContext(
                 backend=self.backend,

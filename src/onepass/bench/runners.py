@@ -7,10 +7,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from onepass.bench.questions import BenchError
 from onepass.outputs import SpecDecodeStats
+
+if TYPE_CHECKING:
+    from onepass.llm import DrafterSnapshot
 
 VANILLA = "vanilla"
 PEERS: dict[str, tuple[str, ...]] = {"hf": ("hf", "hf_pld"), "llamacpp": ("llamacpp",)}
@@ -97,6 +100,22 @@ class Runner(Protocol):
 
     def run(self, prompt_ids: list[int], max_tokens: int) -> Turn: ...
 
+    def checkpoint(self) -> Any:
+        """What the runner has learned from earlier prompts (None: nothing)."""
+
+    def rewind(self, state: Any) -> None:
+        """Forget what it learned since checkpoint() returned `state`."""
+
+
+class Stateless:
+    """A runner that learns nothing across prompts: repeats need no rewinding."""
+
+    def checkpoint(self) -> None:
+        return None
+
+    def rewind(self, state: None) -> None:
+        pass
+
 
 @dataclass
 class Sampling:
@@ -126,6 +145,12 @@ class OnepassRunner:
             seed=sampling.seed,
         )
 
+    def checkpoint(self) -> DrafterSnapshot | None:
+        return self.llm.snapshot_drafter(self.spec)
+
+    def rewind(self, state: DrafterSnapshot | None) -> None:
+        self.llm.restore_drafter(state)
+
     def run(self, prompt_ids: list[int], max_tokens: int) -> Turn:
         params = replace(self.params, max_tokens=max_tokens)
         out = self.llm.generate(
@@ -142,7 +167,7 @@ class OnepassRunner:
         )
 
 
-class HFRunner:
+class HFRunner(Stateless):
     """transformers' `generate` on the same weights: plain decoding, or its prompt lookup."""
 
     def __init__(
@@ -170,7 +195,7 @@ class HFRunner:
         return Turn(new, self.tokenizer.decode(new, skip_special_tokens=True), seconds)
 
 
-class LlamaCppRunner:
+class LlamaCppRunner(Stateless):
     """llama.cpp (llama-cpp-python) on the GGUF file itself: another backend and arithmetic,
     so its outputs are compared with vanilla but not expected to be identical."""
 
