@@ -13,7 +13,7 @@ import pytest
 
 from onepass.bench import report
 from onepass.bench.questions import BenchError, Question, load_questions, select
-from onepass.bench.run import geometric_mean, run_questions, summarize
+from onepass.bench.run import WARMUP_PROMPT, geometric_mean, run_questions, summarize
 from onepass.bench.runners import Stateless, Turn
 from onepass.cli import build_parser, main
 from onepass.errors import OnepassError
@@ -137,7 +137,7 @@ def test_methods_of_a_prompt_run_back_to_back_vanilla_first():
     runners = [FakeRunner(n, log) for n in ("vanilla", "ngram", "other")]
     records = run_questions(QUESTIONS, runners, encode_by_length, max_tokens=20, repeats=2)
     first, second = (len("first"),), (len("second question"),)
-    warm_up = [(n, first, 8) for n in ("vanilla", "ngram", "other")]
+    warm_up = [(n, (len(WARMUP_PROMPT),), 8) for n in ("vanilla", "ngram", "other")]
     round_ = ["vanilla", "ngram", "other"]
     expected = (
         warm_up + [(n, first, 20) for n in round_ * 2] + [(n, second, 20) for n in round_ * 2]
@@ -185,9 +185,8 @@ def test_every_repeat_starts_from_what_the_runner_knew_before_the_prompt():
     records = run_questions(
         QUESTIONS, [vanilla, learner], encode_by_length, max_tokens=4, repeats=3
     )
-    # The first question is the warm-up's prompt, so its first repeat is already a second run.
-    assert [r.repeat_seconds for r in records if r.method == "ngram"] == [[0.5] * 3, [1.0] * 3]
-    assert learner.seen == {(len("first"),), (len("second question"),)}  # one run's learning
+    assert [r.repeat_seconds for r in records if r.method == "ngram"] == [[1.0] * 3, [1.0] * 3]
+    assert learner.seen == {(len(WARMUP_PROMPT),), (len("first"),), (len("second question"),)}
 
 
 def test_multi_turn_feeds_the_runners_own_answer_back():
