@@ -6,8 +6,8 @@ warm-up of every runner, each prompt is decoded by plain decoding ("vanilla") an
 method, one after the other in the same process, so that all methods of a prompt see the same
 machine state. With repeats, the whole round of methods is repeated, each round starting from
 what the drafters had learned before the prompt, and each (prompt, method) keeps its median
-run. The speedup of a method is the geometric mean, over prompts, of its
-tokens/s divided by vanilla's tokens/s on the same prompt.
+run. The speedup of a method is the geometric mean, over prompts, of its tokens/s divided by
+vanilla's tokens/s on the same prompt.
 """
 
 from __future__ import annotations
