@@ -187,12 +187,19 @@ def compare(llm: Any, prompt: Any, params: Any, spec: Any) -> None:
     """Plain decoding vs the method on the same prompt, after a short warm-up of both."""
     from dataclasses import replace
 
+    from onepass.bench.run import WARMUP_PROMPT
+
     if spec is None:
         raise UsageError("--compare needs a speculative method (--method ...)")
     run = llm.chat if isinstance(prompt, list) else llm.generate
+    # Warm up on another prompt: a drafter that learns across requests would otherwise be
+    # timed after having seen this prompt and the start of its answer.
+    warm_prompt = (
+        [{"role": "user", "content": WARMUP_PROMPT}] if isinstance(prompt, list) else WARMUP_PROMPT
+    )
     warm = replace(params, max_tokens=8)
-    run(prompt, warm)
-    run(prompt, warm, speculative_config=spec)
+    run(warm_prompt, warm)
+    run(warm_prompt, warm, speculative_config=spec)
     base = run(prompt, params)[0]
     fast = run(prompt, params, speculative_config=spec)[0]
     print(fast.outputs[0].text)
