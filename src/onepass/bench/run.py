@@ -205,7 +205,7 @@ def run_questions(
         # Drafters learn across requests (recycling's memory, auto's estimates): every repeat
         # starts from what they knew before this prompt, so a repeat is not timed drafting
         # from the previous repeat's answer (that made a second run of auto ~25% faster).
-        states = [runner.checkpoint() for runner in runners]
+        states = [runner.checkpoint() for runner in runners] if repeats > 1 else []
         for repeat in range(repeats):
             if repeat:
                 for runner, state in zip(runners, states, strict=True):
