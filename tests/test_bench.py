@@ -286,6 +286,8 @@ def test_decode_speedup_leaves_the_prefill_out():
     by_method = {r.method: r for r in records}
     assert by_method["m"].speedup == pytest.approx(2.0)
     assert by_method["m"].decode_speedup == pytest.approx(4.0)
+    assert by_method["m"].prefill_seconds == pytest.approx(0.5)
+    assert by_method["peer"].prefill_seconds is None
     assert by_method["peer"].speedup == pytest.approx(2.0)
     assert by_method["peer"].decode_speedup is None
     summary = summarize(records)

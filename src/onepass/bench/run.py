@@ -72,12 +72,19 @@ class Conversation:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
     @property
+    def prefill_seconds(self) -> float | None:
+        """Seconds to each turn's first token, summed; None if the runner does not report it."""
+        if any(t.prefill_seconds is None for t in self.turns):
+            return None
+        return sum(t.prefill_seconds for t in self.turns)
+
+    @property
     def decode_tokens_per_s(self) -> float | None:
         """Tokens after each turn's first / seconds after it: the decoding loop without the
         prompt's prefill. None if the runner does not report its prefill time."""
-        if any(t.prefill_seconds is None for t in self.turns):
+        if self.prefill_seconds is None:
             return None
-        seconds = self.seconds - sum(t.prefill_seconds for t in self.turns)
+        seconds = self.seconds - self.prefill_seconds
         tokens = self.new_tokens - sum(1 for t in self.turns if t.token_ids)
         return tokens / seconds if seconds > 0 and tokens > 0 else None
 
@@ -121,6 +128,8 @@ class Record:
     prompt_tokens: int
     new_tokens: int
     seconds: float
+    prefill_seconds: float | None
+    """Of `seconds`, the time to the first token (None for runners that do not report it)."""
     tokens_per_s: float
     speedup: float | None
     """tokens/s over vanilla's tokens/s on the same question (None if either is 0)."""
@@ -162,6 +171,7 @@ def make_record(
         prompt_tokens=run.prompt_tokens,
         new_tokens=run.new_tokens,
         seconds=run.seconds,
+        prefill_seconds=run.prefill_seconds,
         tokens_per_s=run.tokens_per_s,
         speedup=run.tokens_per_s / vanilla.tokens_per_s if rates_ok else None,
         decode_speedup=decode / decode_vanilla if decode and decode_vanilla else None,
