@@ -82,9 +82,10 @@ class Conversation:
     def decode_tokens_per_s(self) -> float | None:
         """Tokens after each turn's first / seconds after it: the decoding loop without the
         prompt's prefill. None if the runner does not report its prefill time."""
-        if self.prefill_seconds is None:
+        prefill = self.prefill_seconds
+        if prefill is None:
             return None
-        seconds = self.seconds - self.prefill_seconds
+        seconds = self.seconds - prefill
         tokens = self.new_tokens - sum(1 for t in self.turns if t.token_ids)
         return tokens / seconds if seconds > 0 and tokens > 0 else None
 
