@@ -15,7 +15,7 @@ from onepass.sampling import LogitsProcessor, RequestRandomness, SamplingParams
 from onepass.tree import Tree
 from onepass.verify import verify
 from onepass.verify.base import Verdict
-from onepass.verify.greedy import row_argmax, verify_greedy
+from onepass.verify.greedy import verify_greedy
 
 VOCAB = 16
 
@@ -117,14 +117,3 @@ def test_greedy_reproduces_plain_greedy_on_a_toy_model() -> None:
             out += verdict.tokens
             step += 1
         assert out[: len(plain)] == plain
-
-
-def test_row_argmax_matches_torch_including_ties_and_masked_rows():
-    torch.manual_seed(0)
-    logits = torch.randn(6, 1000)
-    logits[1, [3, 700]] = 50.0  # a tie: the first index wins, as in torch.argmax
-    logits[2, :500] = float("-inf")  # masked by a logits processor
-    logits[3] = 1.0  # all equal
-    assert row_argmax(logits) == logits.argmax(dim=-1).tolist()
-    assert row_argmax(logits)[1] == 3 and row_argmax(logits)[3] == 0
-    assert row_argmax(logits[::2]) == logits[::2].argmax(dim=-1).tolist()  # strided rows

@@ -37,9 +37,9 @@ from torch import Tensor
 
 from onepass.drafters.base import DecodeState, Draft
 from onepass.models.base import ModelOutput
+from onepass.top_tokens import row_argmax
 from onepass.tree import Tree
 from onepass.verify.base import Verdict
-from onepass.verify.greedy import row_argmax
 
 if TYPE_CHECKING:
     from onepass.drafters import DraftContext

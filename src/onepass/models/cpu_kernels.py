@@ -1,11 +1,12 @@
 """onepass's AVX-512 CPU kernels: the GEMM for a few rows against a large weight
-(small_gemm.cpp) and the fused decoder layers of a decoding step (decoder.cpp).
+(small_gemm.cpp), the fused decoder layers of a decoding step (decoder.cpp) and each row's
+largest logits (top_k.cpp).
 
 Built from source once per machine and torch version with torch's C++ extension tooling (about
 20-40 s), cached in onepass's cache directory (~/.cache/onepass), then loaded as the ops
-`torch.ops.onepass.small_gemm`, `small_gemm_pack` and `decode_layers`. Where they cannot be
-used (no AVX-512, not float32 on CPU, no compiler, ONEPASS_CPU_KERNELS=0) the native backend
-runs its TorchScript layer stack with MKL's packed GEMM: same model, slower steps.
+`torch.ops.onepass.small_gemm`, `small_gemm_pack`, `decode_layers` and `row_top_k`. Where they
+cannot be used (no AVX-512, not float32 on CPU, no compiler, ONEPASS_CPU_KERNELS=0) the native
+backend runs its TorchScript layer stack with MKL's packed GEMM: same model, slower steps.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import torch
 
 from onepass.models.loading import default_cache_dir
 
-SOURCES = [Path(__file__).with_name(name) for name in ("small_gemm.cpp", "decoder.cpp")]
+SOURCES = [
+    Path(__file__).with_name(name) for name in ("small_gemm.cpp", "decoder.cpp", "top_k.cpp")
+]
 FLAGS = ["-O3", "-mavx512f", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for is inline
 
 

@@ -4,10 +4,10 @@ plain greedy decode, token for token."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from onepass.drafters.base import Draft
+from onepass.top_tokens import row_argmax
 from onepass.verify.base import Verdict
 
 
@@ -24,11 +24,3 @@ def verify_greedy(draft: Draft, logits: Tensor) -> Verdict:
             return Verdict(path, [draft.tokens[i] for i in path] + [want])
         path.append(match)
         row = match + 1
-
-
-def row_argmax(logits: Tensor) -> list[int]:
-    """The first index of each row's maximum. On CPU through NumPy: torch's argmax over a 49k
-    vocabulary costs ~0.4 ms a call there, NumPy's ~0.07 ms (same ties: first index wins)."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32:
-        return logits.numpy().argmax(axis=-1).tolist()
-    return logits.argmax(dim=-1).tolist()
