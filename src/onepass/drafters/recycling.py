@@ -123,19 +123,21 @@ class PairTable:
     def clear(self) -> None:
         self.keys[:] = -1
 
+    def slot(self, key: int) -> int:
+        return ((key * self._MULTIPLIER) & 0xFFFFFFFFFFFFFFFF) >> self.shift
+
     def get(self, prev: int, token: int) -> np.ndarray | None:
         key = prev * self.vocab_size + token
-        slot = ((key * self._MULTIPLIER) & 0xFFFFFFFFFFFFFFFF) >> self.shift
+        slot = self.slot(key)
         return self.rows[slot] if self.keys[slot] == key else None
 
-    def put(self, prev: np.ndarray, tokens: np.ndarray, rows: np.ndarray) -> None:
+    def put(self, prev: Sequence[int], tokens: Sequence[int], rows: np.ndarray) -> None:
         """Store rows[j] under (prev[j], tokens[j]) ([r], [r], [r, k]); a later j wins a slot."""
-        keys = prev.astype(np.int64) * self.vocab_size + tokens
-        slots = (keys.astype(np.uint64) * np.uint64(self._MULTIPLIER)) >> np.uint64(self.shift)
-        _, first_from_end = np.unique(slots[::-1], return_index=True)
-        last = len(slots) - 1 - first_from_end
-        self.keys[slots[last]] = keys[last]
-        self.rows[slots[last]] = rows[last]
+        keys = [int(p) * self.vocab_size + int(t) for p, t in zip(prev, tokens, strict=True)]
+        last = {self.slot(key): j for j, key in enumerate(keys)}  # Python: a few keys a step
+        slots = list(last)
+        self.keys[slots] = [keys[j] for j in last.values()]
+        self.rows[slots] = rows[list(last.values())]
 
 
 class RecyclingDrafter:
@@ -208,23 +210,22 @@ class RecyclingDrafter:
         if self.root is None:
             return
         n = len(draft)
-        row_tokens = np.array([self.root, *draft.tokens], dtype=np.int64)  # [n + 1]
+        top = row_top_k(out.logits[: n + 1], self.options.top_k).cpu().numpy()  # [n + 1, k]
+        row_tokens = [self.root, *draft.tokens]
         rows = update_order(n, verdict.path)  # in increasing priority
-        top = row_top_k(out.logits[: n + 1], self.options.top_k).cpu().numpy()[rows]  # [n + 1, k]
-        self.update(row_tokens[rows], top)
+        self.update([row_tokens[r] for r in rows], top[rows])
         if self.pairs is not None:
             # Each row's context: the token before the root, or the node's parent.
-            parents = np.array(draft.tree.parents, dtype=np.int64)
-            before = np.concatenate([[self.before_root], row_tokens[parents + 1]])
-            seen = before[rows] >= 0
-            self.pairs.put(before[rows][seen], row_tokens[rows][seen], top[seen])
+            before = [self.before_root, *(row_tokens[p + 1] for p in draft.tree.parents)]
+            seen = [r for r in rows if before[r] >= 0]
+            self.pairs.put([before[r] for r in seen], [row_tokens[r] for r in seen], top[seen])
 
-    def update(self, row_tokens: np.ndarray, top: np.ndarray) -> None:
+    def update(self, row_tokens: Sequence[int], top: np.ndarray) -> None:
         """M[row_tokens[j]] = top[j] ([r] and [r, k]); for repeated tokens the last row wins."""
-        _, first_from_end = np.unique(row_tokens[::-1], return_index=True)
-        last = len(row_tokens) - 1 - first_from_end
-        self.matrix[row_tokens[last]] = top[last]
-        self.filled[row_tokens[last]] = True
+        last = {int(t): j for j, t in enumerate(row_tokens)}  # Python: np.unique costs ~10x
+        tokens = list(last)
+        self.matrix[tokens] = top[list(last.values())]
+        self.filled[tokens] = True
 
 
 def update_order(n: int, path: Sequence[int]) -> list[int]:
