@@ -37,14 +37,15 @@ def forward_rows(draft: Draft, root: int, start: int, device: torch.device):
     tree, n, m = draft.tree, len(draft), len(draft.aux_tokens)
     ids = torch.tensor([root, *draft.tokens, *draft.aux_tokens], device=device)
     offsets = [0, *tree.depths, *draft.aux_offsets]
-    positions = torch.tensor(offsets, device=device) + start
+    positions = torch.tensor([start + o for o in offsets], device=device)
     is_chain = all(p == i - 1 for i, p in enumerate(tree.parents))
     if is_chain and m == 0:
         return ids, positions, None
+    if m == 0:
+        return ids, positions, tree.mask(device)
     mask = torch.zeros(n + 1 + m, n + 1 + m, dtype=torch.bool)
     mask[: n + 1, : n + 1] = tree.mask()
-    if m:
-        mask[n + 1 :] = draft.aux_mask
+    mask[n + 1 :] = draft.aux_mask
     return ids, positions, mask.to(device)
 
 

@@ -8,8 +8,9 @@ draft costs nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-from torch import Tensor
 
 
 class KVCache:
@@ -31,14 +32,13 @@ class KVCache:
         pairs = self.k.view(*shape[:-1], head_dim // 2, 2)
         self.k_pairs = torch.view_as_complex(pairs) if complex_ok else None
 
-    def commit(self, keep: Tensor) -> None:
-        """keep: [m] ascending indices of the last forward's rows to retain, in order."""
-        m = keep.numel()
-        if m == 0:
-            return
+    def commit(self, rows: Sequence[int]) -> None:
+        """rows: ascending indices of the last forward's rows to retain, in order."""
         start = self.length
-        if int(keep[-1]) != m - 1:  # not simply a prefix of the written rows: compact
-            src = keep.to(self.k.device) + start
-            self.k[:, :, start : start + m] = self.k[:, :, src]
-            self.v[:, :, start : start + m] = self.v[:, :, src]
-        self.length += m
+        # Row by row, only the rows that move (a step keeps a few): cheaper than two gathers
+        # and scatters. Ascending rows never overwrite a row still to be read.
+        for j, row in enumerate(rows):
+            if row != j:
+                self.k[:, :, start + j].copy_(self.k[:, :, start + row])
+                self.v[:, :, start + j].copy_(self.v[:, :, start + row])
+        self.length += len(rows)

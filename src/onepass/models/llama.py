@@ -222,10 +222,10 @@ class NativeDecoder:
 
     def commit(self, keep: Tensor | list[int]) -> None:
         """Keep the KV of these rows of the last forward (ascending), in order, after the cache."""
-        keep = torch.as_tensor(keep, dtype=torch.long)
-        if keep.numel() and int(keep.max()) >= self._pending:
+        rows = keep.tolist() if isinstance(keep, Tensor) else list(keep)
+        if rows and max(rows) >= self._pending:
             raise ValueError("commit() names a row the last forward did not write")
-        self.cache.commit(keep)
+        self.cache.commit(rows)
         self._pending = 0
 
     # -- the model --------------------------------------------------------------------------
