@@ -25,6 +25,16 @@ TINY = dict(
 )
 
 
+def kernels_here() -> bool:
+    """Whether onepass's AVX-512 kernels run here (building them once if need be)."""
+    from onepass.models import cpu_kernels
+
+    return cpu_kernels.usable(torch.device("cpu"), torch.float32)
+
+
+needs_kernels = pytest.mark.skipif(not kernels_here(), reason="no AVX-512 or no compiler here")
+
+
 def tiny_config(architecture: str = "llama", **overrides) -> ModelConfig:
     return ModelConfig(architecture=architecture, **{**TINY, **overrides})
 

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import default_reference, hf_model, tiny_config, tiny_pair
+from conftest import (
+    default_reference,
+    hf_model,
+    needs_kernels,
+    tiny_config,
+    tiny_pair,
+)
 
 from onepass.models.llama import NativeDecoder
 from onepass.tree import Tree
@@ -155,12 +161,6 @@ def test_gguf_weights_equal_transformers_gguf_loader():
         assert torch.equal(torch.as_tensor(theirs[name]).float(), loaded.weights[name]), name
 
 
-def kernels_here() -> bool:
-    from onepass.models import cpu_kernels
-
-    return cpu_kernels.usable(torch.device("cpu"), torch.float32)
-
-
 def packed_gemms() -> list:
     """The packed GEMMs this machine can run; the others are parametrized as skipped."""
     from onepass.models.layer_stack import GEMM_MKL, GEMM_SMALL
@@ -178,7 +178,7 @@ def packed_gemms() -> list:
         pytest.param(
             GEMM_SMALL,
             id="small",
-            marks=pytest.mark.skipif(not kernels_here(), reason="no AVX-512 or no compiler here"),
+            marks=needs_kernels,
         ),
     ]
 
@@ -227,7 +227,6 @@ def test_scripted_layers_equal_eager_layers():
     assert torch.equal(outputs[0], outputs[1])
 
 
-needs_kernels = pytest.mark.skipif(not kernels_here(), reason="no AVX-512 or no compiler here")
 FUSED = {"head_dim": 64}  # the fused decoder takes head_dim 64 or 128
 
 

@@ -6,17 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import needs_kernels
 
 from onepass.top_tokens import _blocked_top_k, row_argmax, row_top_k
-
-
-def kernels_here() -> bool:
-    from onepass.models import cpu_kernels
-
-    return cpu_kernels.usable(torch.device("cpu"), torch.float32)
-
-
-needs_kernels = pytest.mark.skipif(not kernels_here(), reason="no AVX-512 or no compiler here")
 
 
 def reference(logits: torch.Tensor, k: int) -> torch.Tensor:
