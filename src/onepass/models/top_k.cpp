@@ -128,11 +128,12 @@ at::Tensor row_top_k(const at::Tensor& logits_in, int64_t k) {
       continue;
     }
     std::iota(merged.begin(), merged.end(), 0);
-    std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), [v, i](int64_t a, int64_t b) {
+    const auto before = [v, i](int64_t a, int64_t b) {
       if ((i[a] < 0) != (i[b] < 0)) return i[b] < 0;  // padding last
       if (v[a] != v[b]) return v[a] > v[b];
       return i[a] < i[b];
-    });
+    };
+    std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), before);
     for (int64_t j = 0; j < k; j++) op[row * k + j] = i[merged[j]];
   }
   return out;
