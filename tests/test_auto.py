@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from onepass.cost import CostModel
 from onepass.drafters.auto import (
     RUN_BOUNDS,
+    RUN_PRIORS,
     AutoDrafter,
     Candidate,
     MergedTree,
@@ -223,3 +224,13 @@ def test_estimates_are_kept_apart_per_run_state():
     assert c.stats(draft, fresh).rate(1, 0) < 0.1
     assert c.stats(draft, fresh).rate(2, 0) == 0.5  # never reached: still the prior
     assert not c.pending  # every proposal could be scored
+
+
+def test_a_drafter_on_a_run_is_presumed_right_until_evidence_says_otherwise():
+    c = Candidate(drafter=None, options=Options(prior_acceptance=0.5))  # type: ignore[arg-type]
+    chain, classed = Draft.chain([1]), Draft([1], Tree((-1,)), classes=[3])
+    priors = [c.stats(chain, s).rate(1, 0) for s in range(len(RUN_BOUNDS) + 1)]
+    assert priors == [max(0.5, p) for p in RUN_PRIORS] and priors[0] == 0.5 < priors[-1]
+    assert c.stats(chain, len(RUN_BOUNDS)).rate(1, 1) == priors[-1] / 2  # still halved per rank
+    d = Candidate(drafter=None, options=Options(prior_acceptance=0.95))  # type: ignore[arg-type]
+    assert {d.stats(classed, s).rate(4, 3) for s in range(len(RUN_BOUNDS) + 1)} == {0.95}

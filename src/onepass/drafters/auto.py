@@ -43,6 +43,10 @@ from onepass.verify.base import Verdict
 MAX_PENDING = 64  # proposals awaiting enough emitted tokens to be scored, per drafter
 DEPTHS = 8  # nodes from this depth on share their estimates
 RUN_BOUNDS = (1, 4)  # a drafter's record: 0 | 1-3 | 4+ emitted tokens in a row it predicted
+# The least prior acceptance in each of those states: a drafter that has just predicted several
+# tokens in a row is usually still copying (measured once warm: 0.7-0.97 in the 4+ state), and
+# a low prior there kept a fresh drafter's first copies to 3-token chains.
+RUN_PRIORS = (0.0, 0.7, 0.9)
 
 # Token Recycling's template inside auto: wider than its own default, because auto keeps only
 # the nodes whose measured acceptance pays for their rows.
@@ -68,7 +72,8 @@ class Options:
     """Weight of the past in the acceptance estimates (closer to 1 = slower to adapt)."""
     prior_acceptance: float = 0.5
     """Acceptance assumed before any evidence for a first child (halved per sibling rank) or for
-    a node of average evidence, worth two observations."""
+    a node of average evidence, worth two observations; at least RUN_PRIORS while the drafter is
+    on a run."""
 
     def __post_init__(self) -> None:
         from onepass.drafters import METHODS
@@ -256,7 +261,7 @@ class Candidate:
         if self._stats is None:
             make = NodeStats.for_classes if draft.classes is not None else NodeStats.for_ranks
             prior = self.options.prior_acceptance
-            self._stats = [make(self.options.decay, prior) for _ in range(len(RUN_BOUNDS) + 1)]
+            self._stats = [make(self.options.decay, max(prior, p)) for p in RUN_PRIORS]
         return self._stats[state]
 
     def record(self, emitted: Sequence[int]) -> None:
