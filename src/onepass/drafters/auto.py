@@ -11,7 +11,8 @@ parent accepted); the slot is the drafter's own class of the node's evidence (su
 length x share of the continuations) or, for drafters without one, its rank among siblings.
 Each drafter keeps three such sets, by its run when it proposed (how many emitted tokens in a
 row its proposals had just predicted: 0, 1-3, 4+): a drafter that is copying text the output
-repeats is far likelier to be right at every depth than the same drafter on fresh text.
+repeats is far likelier to be right at every depth than the same drafter on fresh text, and
+the sets for runs start from higher priors (RUN_PRIORS).
 
 The proposals are merged into one trie (a token path proposed by several drafters is one node,
 with the most optimistic of their estimates). A node's probability of being accepted is the
