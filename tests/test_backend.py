@@ -15,6 +15,7 @@ from conftest import (
     tiny_pair,
 )
 
+from onepass.models import llama
 from onepass.models.llama import NativeDecoder
 from onepass.tree import Tree
 
@@ -129,7 +130,10 @@ def test_forward_rejects_overflow_and_bad_commit():
 
 
 @pytest.mark.real_model
-def test_default_model_matches_transformers(llm):
+@pytest.mark.parametrize("fused_prefill_rows", [0, llama.FUSED_PREFILL_ROWS])
+def test_default_model_matches_transformers(llm, monkeypatch, fused_prefill_rows):
+    """Prefilled by either path: the layer stack (0 rows fused) or the fused decoder."""
+    monkeypatch.setattr(llama, "FUSED_PREFILL_ROWS", fused_prefill_rows)
     model = default_reference()
     ids = torch.tensor(llm.chat_token_ids([{"role": "user", "content": "Name three rivers."}]))
     ref = reference_logits(model, ids)

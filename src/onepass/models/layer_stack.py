@@ -91,7 +91,8 @@ def decoder_layers(
     in), multiplied by the GEMM `gemm` names (GEMM_*). cache_k, cache_v: [layers, kv_heads,
     max_len, head_dim]; k_pairs: cache_k viewed as complex pairs (None for half precision).
     rotation: [n, 1, head_dim / 2] complex.
-    heads: [query heads, kv heads, head_dim]. attn_mask: [group * n, start + n] or None.
+    heads: [query heads, kv heads, head_dim]. attn_mask: [group * n, start + n], or None:
+    everything visible for one row, causal for several (which must then start at 0).
     """
     n = x.shape[0]
     nh, nkv, hd = heads[0], heads[1], heads[2]
@@ -112,17 +113,27 @@ def decoder_layers(
             cache_k[i, :, start:end] = qk[:, nh:].transpose(0, 1)
             q = qk[:, :nh]
         cache_v[i, :, start:end] = qkv.view(n, nh + 2 * nkv, hd)[:, nh + nkv :].transpose(0, 1)
-        # Grouped-query attention: each kv head serves `group` query heads x n tokens.
-        if n > 1:
-            q = q.reshape(n, nkv, group, hd).permute(1, 2, 0, 3)
-        a = F.scaled_dot_product_attention(
-            q.reshape(1, nkv, group * n, hd),
-            cache_k[i, :, :end].unsqueeze(0),
-            cache_v[i, :, :end].unsqueeze(0),
-            attn_mask=attn_mask,
-        )  # [1, nkv, group * n, hd]
-        if n > 1:
-            a = a.view(nkv, group, n, hd).permute(2, 0, 1, 3)
+        if n > 1 and attn_mask is None:
+            # The start of a prompt: plain causal attention, without a mask to read (faster).
+            a = F.scaled_dot_product_attention(
+                q.reshape(n, nh, hd).transpose(0, 1).unsqueeze(0),
+                cache_k[i, :, :end].unsqueeze(0),
+                cache_v[i, :, :end].unsqueeze(0),
+                is_causal=True,
+                enable_gqa=True,
+            )[0].transpose(0, 1)  # [n, nh, hd]
+        else:
+            # Grouped-query attention: each kv head serves `group` query heads x n tokens.
+            if n > 1:
+                q = q.reshape(n, nkv, group, hd).permute(1, 2, 0, 3)
+            a = F.scaled_dot_product_attention(
+                q.reshape(1, nkv, group * n, hd),
+                cache_k[i, :, :end].unsqueeze(0),
+                cache_v[i, :, :end].unsqueeze(0),
+                attn_mask=attn_mask,
+            )  # [1, nkv, group * n, hd]
+            if n > 1:
+                a = a.view(nkv, group, n, hd).permute(2, 0, 1, 3)
         x = x + linear(a.reshape(n, nh * hd), 4 * i + 1, weights, packed, biases, gemm)
         gate_up = linear(normalize(x, eps), 4 * i + 2, weights, packed, biases, gemm)
         gate, up = gate_up.chunk(2, dim=-1)

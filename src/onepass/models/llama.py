@@ -13,8 +13,8 @@ draft uses plain decoding's arithmetic per token, and a forward of 12 rows costs
 forwards of one. Elsewhere (GPU, half precision, no compiler) the layers run as one
 TorchScript function (layer_stack.py) with MKL's packed GEMM where available, which is
 row-independent for the default model's shapes but not for every shape (tests/test_backend.py).
-The prompt's prefill always runs the TorchScript layers with plain GEMM, the fastest for
-hundreds of rows, identically for every method.
+The prompt's prefill runs the fused decoder for short prompts and the TorchScript layers with
+plain GEMM, the fastest for hundreds of rows, for long ones; identically for every method.
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ from onepass.models.layer_stack import (
     normalize,
     scripted_decoder_layers,
 )
+
+# The longest prompt chunk the fused decoder prefills: beyond it, MKL's plain GEMM is faster
+# (the crossover measured on the default model, 2 AVX-512 cores: 25 against 53 ms for 8 rows,
+# 217 against 243 for 200, 350 against 338 for 300).
+FUSED_PREFILL_ROWS = 256
 
 
 def mkl_packing_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -187,8 +192,13 @@ class NativeDecoder:
         self._pending = 0
 
     @torch.inference_mode()
-    def prefill(self, ids: Tensor, chunk: int = 512) -> ModelOutput:
-        """Reset the cache, then run and commit the prompt; returns the last row's output."""
+    def prefill(self, ids: Tensor, chunk: int = 2048) -> ModelOutput:
+        """Reset the cache, then run and commit the prompt; returns the last row's output.
+
+        Every method prefills alike, so the prompt's KV cache is the same whichever decodes
+        after it. A chunk of up to FUSED_PREFILL_ROWS rows runs the fused decoder, where
+        loaded; longer ones run the layer stack with plain GEMM, the fastest for hundreds of
+        rows. Chunks are long because the first one needs no attention mask."""
         self.reset()
         n = ids.shape[0]
         if n == 0 or n > self.max_len:
@@ -197,9 +207,10 @@ class NativeDecoder:
         for start in range(0, n, chunk):
             part = ids[start : start + chunk].to(self.device)
             positions = torch.arange(start, start + part.shape[0], device=self.device)
-            # Plain GEMM: fastest for hundreds of rows. Every method prefills alike, so the
-            # prompt's KV cache is the same whichever decodes after it.
-            out = self._run(part, positions, None, last_only=True, gemm=GEMM_PLAIN)
+            fused = self.fused and part.shape[0] <= FUSED_PREFILL_ROWS
+            out = self._run(
+                part, positions, None, last_only=True, gemm=self.gemm if fused else GEMM_PLAIN
+            )
             self.cache.length += part.shape[0]
         self._pending = 0
         return out
@@ -232,12 +243,12 @@ class NativeDecoder:
 
     def _attention_mask(self, positions: Tensor, mask: Tensor | None) -> Tensor | None:
         """[group * n, past + n] additive mask (0 or -inf), rows ordered (query head in group,
-        new token): the whole cache, then `mask` (or causal) among the new rows. None when all
-        is visible."""
+        new token): the whole cache, then `mask` (or causal) among the new rows. None when a
+        single row sees everything, or rows at the start of the cache are causal."""
         n, past = positions.shape[0], self.cache.length
         window = self.config.sliding_window
         needs_window = window is not None and past + n > window
-        if mask is None and n == 1 and not needs_window:
+        if mask is None and (n == 1 or past == 0) and not needs_window:
             return None
         if mask is None:
             mask = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
@@ -253,7 +264,7 @@ class NativeDecoder:
     def _run(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool, gemm: int):
         cfg = self.config
         heads = [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim]
-        if self.fused and gemm == GEMM_SMALL:  # a decoding step (prefill asks for GEMM_PLAIN)
+        if self.fused and gemm == GEMM_SMALL:
             x = torch.ops.onepass.decode_layers(
                 self.embed[ids],
                 cfg.rms_norm_eps,
