@@ -49,7 +49,7 @@ def test_prefill_and_decode_match_transformers(arch, overrides):
     native, model = tiny_pair(arch, **overrides)
     ids = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(1))
     ref = reference_logits(model, ids)
-    out = native.prefill(ids[:30], chunk=7)  # several chunks: chunked prefill is exercised
+    out = native.prefill(ids[:30], chunk=7, first_chunk=9)  # chunked prefill is exercised
     torch.testing.assert_close(out.logits[0], ref[29], atol=1e-4, rtol=1e-4)
     for i in range(30, 40):  # one token at a time, as plain decoding does
         step = native.forward(ids[i : i + 1], torch.tensor([i]), None)

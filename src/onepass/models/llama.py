@@ -192,26 +192,28 @@ class NativeDecoder:
         self._pending = 0
 
     @torch.inference_mode()
-    def prefill(self, ids: Tensor, chunk: int = 2048) -> ModelOutput:
+    def prefill(self, ids: Tensor, chunk: int = 512, first_chunk: int = 2048) -> ModelOutput:
         """Reset the cache, then run and commit the prompt; returns the last row's output.
 
         Every method prefills alike, so the prompt's KV cache is the same whichever decodes
         after it. A chunk of up to FUSED_PREFILL_ROWS rows runs the fused decoder, where
         loaded; longer ones run the layer stack with plain GEMM, the fastest for hundreds of
-        rows. Chunks are long because the first one needs no attention mask."""
+        rows. The first chunk is the longest: it needs no attention mask, later ones build
+        one of [chunk x heads per kv head, tokens so far]."""
         self.reset()
         n = ids.shape[0]
         if n == 0 or n > self.max_len:
             raise ValueError(f"prompt length {n} is outside 1..{self.max_len}")
-        out = None
-        for start in range(0, n, chunk):
-            part = ids[start : start + chunk].to(self.device)
+        out, start = None, 0
+        while start < n:
+            part = ids[start : start + (first_chunk if start == 0 else chunk)].to(self.device)
             positions = torch.arange(start, start + part.shape[0], device=self.device)
             fused = self.fused and part.shape[0] <= FUSED_PREFILL_ROWS
             out = self._run(
                 part, positions, None, last_only=True, gemm=self.gemm if fused else GEMM_PLAIN
             )
             self.cache.length += part.shape[0]
+            start += part.shape[0]
         self._pending = 0
         return out
 
