@@ -158,6 +158,12 @@ inline __m512 scores16(const __m512* q, const float* const* key_rows, __m512 sca
   return _mm512_mul_ps(sum16(acc), scale);
 }
 
+// Asks for `count` floats from `p` into L1, a cache line at a time.
+inline void prefetch_rows(const float* p, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t o = 0; o < count * 4; o += 64) _mm_prefetch(bytes + o, _MM_HINT_T0);
+}
+
 template <int C>
 inline void load_query(const float* q, __m512* qv) {
   for (int k = 0; k < C; k++) qv[k] = _mm512_loadu_ps(q + k * kLanes);
@@ -207,9 +213,11 @@ void attend_job(const QueryVector* vectors, int64_t count, const float* keys,
   const __m512 scale16 = _mm512_set1_ps(scale);
   __m512 qv[C];
 
-  // Scores of the run's full blocks, all vectors per block.
+  // Scores of the run's full blocks, all vectors per block; the block after next is fetched
+  // meanwhile (the hardware prefetcher alone leaves the first vector of each block waiting).
   const float* key_rows[kLanes];
   for (int64_t b = 0; b < full; b += kLanes) {
+    if (b + 2 * kLanes < run) prefetch_rows(keys + (lo + b + 2 * kLanes) * hd, kLanes * hd);
     for (int j = 0; j < kLanes; j++) key_rows[j] = keys + (lo + b + j) * hd;
     for (int64_t v = 0; v < count; v++) {
       load_query<C>(vectors[v].q, qv);
@@ -247,6 +255,7 @@ void attend_job(const QueryVector* vectors, int64_t count, const float* keys,
   for (int64_t k0 = 0; k0 < run; k0 += kKeys) {
     const int64_t keys_now = std::min(kKeys, run - k0);
     const float* vp = values + (lo + k0) * hd;
+    if (k0 + kKeys < run) prefetch_rows(vp + kKeys * hd, std::min(kKeys, run - k0 - kKeys) * hd);
     for (int64_t v0 = 0; v0 < count; v0 += kBlock) {
       const float* p[kBlock];
       float* o[kBlock];

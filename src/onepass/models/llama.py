@@ -139,7 +139,7 @@ def layer_linears(
 class NativeDecoder:
     """Implements the Backend protocol for Llama-family weights in Hugging Face naming."""
 
-    revision = 10  # bump when a change alters the cost curve: cached curves are keyed by it
+    revision = 11  # bump when a change alters the cost curve: cached curves are keyed by it
 
     def __init__(
         self,
