@@ -237,12 +237,14 @@ FUSED = {"head_dim": 64}  # the fused decoder takes head_dim 64 or 128
 @needs_kernels
 @pytest.mark.parametrize(("arch", "overrides"), [*ARCHS, ("llama", {"head_dim": 128})])
 def test_fused_decoder_matches_transformers(arch, overrides):
-    """decoder.cpp (every decoding step on AVX-512 CPUs): one token at a time, then a chain."""
+    """decoder.cpp (every decoding step on AVX-512 CPUs, and the prefill of short prompts):
+    the prompt, then one token at a time, then a chain."""
     native, model = tiny_pair(arch, **{**FUSED, **overrides})
     assert native.fused
     ids = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(5))
     ref = reference_logits(model, ids)
-    native.prefill(ids[:24])
+    out = native.prefill(ids[:24])
+    torch.testing.assert_close(out.logits[0], ref[23], atol=1e-4, rtol=1e-4)
     for i in range(24, 32):
         step = native.forward(ids[i : i + 1], torch.tensor([i]), None)
         native.commit([0])
