@@ -12,14 +12,18 @@ exactly as plain decoding computes it, whatever the other rows are, by construct
 draft uses plain decoding's arithmetic per token, and a forward of 12 rows costs about 1.3
 forwards of one. Elsewhere (GPU, half precision, no compiler) the layers run as one
 TorchScript function (layer_stack.py) with MKL's packed GEMM where available, which is
-row-independent for the default model's shapes but not for every shape (tests/test_backend.py).
-The prompt's prefill runs the fused decoder for short prompts and the TorchScript layers with
-plain GEMM, the fastest for hundreds of rows, for long ones; identically for every method.
+row-independent for the default model's shapes on Intel CPUs, but not for every shape and not
+on AMD CPUs (tests/test_backend.py): there a draft's scores can differ from plain decoding's in
+the last bits, so greedy output can only diverge at a near-tie (design.md §2).
+The prompt's prefill runs the fused decoder for short prompts and the TorchScript layers for
+long ones, with MKL's GEMM or onepass's kernel, whichever this CPU runs clearly faster at
+hundreds of rows; identically for every method.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 
 import torch
@@ -39,10 +43,16 @@ from onepass.models.layer_stack import (
     scripted_decoder_layers,
 )
 
-# The longest prompt chunk the fused decoder prefills: beyond it, MKL's plain GEMM is faster
-# (the crossover measured on the default model, 2 AVX-512 cores: 25 against 53 ms for 8 rows,
-# 217 against 243 for 200, 350 against 338 for 300).
+# The longest prompt chunk the fused decoder prefills: beyond it the layer stack, whose flash
+# attention suits hundreds of rows, is faster (the crossover measured on the default model, 2
+# AVX-512 cores: 25 against 53 ms for 8 rows, 217 against 243 for 200, 350 against 338 for 300).
 FUSED_PREFILL_ROWS = 256
+# Rows of the GEMMs timed to choose the layer stack's prefill GEMM, and the margin by which
+# onepass's kernel must beat MKL's to be chosen: where the two are close (Intel CPUs) MKL stays,
+# so that timing noise never changes a prompt's arithmetic from one process to the next. Where
+# MKL does not take its AVX-512 path (AMD CPUs) the kernel is about 2x faster.
+PREFILL_PROBE_ROWS = 512
+PREFILL_KERNEL_MARGIN = 1.15
 
 
 def mkl_packing_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -180,6 +190,7 @@ class NativeDecoder:
             config.num_layers, config.num_kv_heads, max_len, config.head_dim, dtype, self.device
         )
         self._pending = 0  # rows written by the last forward, not yet committed
+        self._prefill_gemm: int | None = None  # prefill_gemm(), once timed
 
     # -- Backend protocol -------------------------------------------------------------------
 
@@ -197,9 +208,9 @@ class NativeDecoder:
 
         Every method prefills alike, so the prompt's KV cache is the same whichever decodes
         after it. A chunk of up to FUSED_PREFILL_ROWS rows runs the fused decoder, where
-        loaded; longer ones run the layer stack with plain GEMM, the fastest for hundreds of
-        rows. The first chunk is the longest: it needs no attention mask, later ones build
-        one of [chunk x heads per kv head, tokens so far]."""
+        loaded; longer ones run the layer stack with prefill_gemm(). The first chunk is the
+        longest: it needs no attention mask, later ones build one of [chunk x heads per kv
+        head, tokens so far]."""
         self.reset()
         n = ids.shape[0]
         if n == 0 or n > self.max_len:
@@ -209,9 +220,8 @@ class NativeDecoder:
             part = ids[start : start + (first_chunk if start == 0 else chunk)].to(self.device)
             positions = torch.arange(start, start + part.shape[0], device=self.device)
             fused = self.fused and part.shape[0] <= FUSED_PREFILL_ROWS
-            out = self._run(
-                part, positions, None, last_only=True, gemm=self.gemm if fused else GEMM_PLAIN
-            )
+            gemm = self.gemm if fused else self.prefill_gemm()
+            out = self._run(part, positions, None, last_only=True, gemm=gemm)
             self.cache.length += part.shape[0]
             start += part.shape[0]
         self._pending = 0
@@ -232,6 +242,37 @@ class NativeDecoder:
         )
         self._pending = n
         return out
+
+    def prefill_gemm(self) -> int:
+        """The GEMM for prefill chunks of hundreds of rows: MKL's plain GEMM, or onepass's
+        kernel where it is clearly faster on this CPU (timed once, on the first layer's
+        weights; see PREFILL_KERNEL_MARGIN)."""
+        if self._prefill_gemm is None:
+            self._prefill_gemm = GEMM_PLAIN
+            if self.gemm == GEMM_SMALL:
+                mkl, kernel = self._time_prefill_gemms()
+                if mkl > PREFILL_KERNEL_MARGIN * kernel:
+                    self._prefill_gemm = GEMM_SMALL
+        return self._prefill_gemm
+
+    def _time_prefill_gemms(self, reps: int = 5) -> tuple[float, float]:
+        """Best seconds of the first layer's four GEMMs on PREFILL_PROBE_ROWS rows: (plain,
+        kernel), interleaved so that a busy neighbour slows both alike."""
+        weights = self.weights[:4]
+        x = torch.randn(
+            PREFILL_PROBE_ROWS,
+            max(w.shape[1] for w in weights),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        best = {GEMM_PLAIN: math.inf, GEMM_SMALL: math.inf}
+        for _ in range(reps):
+            for gemm in best:
+                start = time.perf_counter()
+                for j, w in enumerate(weights):
+                    linear(x[:, : w.shape[1]], j, weights, self.packed, self.biases, gemm)
+                best[gemm] = min(best[gemm], time.perf_counter() - start)
+        return best[GEMM_PLAIN], best[GEMM_SMALL]
 
     def commit(self, keep: Tensor | list[int]) -> None:
         """Keep the KV of these rows of the last forward (ascending), in order, after the cache."""
