@@ -295,6 +295,28 @@ def test_decode_speedup_leaves_the_prefill_out():
     assert summary["peer"]["overall"]["decode_speedup"] is None
 
 
+def test_free_verification_speedup_prices_every_forward_as_a_plain_step():
+    """vanilla: 11 tokens, prefill 0.5 s, then 10 forwards in 1.0 s (0.1 s each). The method:
+    4 forwards -> 0.5 + 4 x 0.1 = 0.9 s if its forwards were free -> 1.5 / 0.9; its measured
+    1.0 s gives 1.5x, the gap is what its verification cost. Peers and runners without stats
+    get none."""
+    eleven = (1,) * 11
+    vanilla = FakeRunner(
+        "vanilla", [], eleven, seconds=[1.5], prefill=0.5, stats=[stats(10, [])] * 2
+    )
+    method = FakeRunner("m", [], eleven, seconds=[1.0], prefill=0.5, stats=[None, stats(4, [4, 2])])
+    peer = FakeRunner("peer", [], eleven, seconds=[0.75])
+    records = run_questions(QUESTIONS[:1], [vanilla, method, peer], encode_by_length, max_tokens=11)
+    by_method = {r.method: r for r in records}
+    assert by_method["m"].speedup == pytest.approx(1.5)
+    assert by_method["m"].free_verification_speedup == pytest.approx(1.5 / 0.9)
+    assert by_method["vanilla"].free_verification_speedup == pytest.approx(1.0)
+    assert by_method["peer"].free_verification_speedup is None
+    summary = summarize(records)
+    assert summary["m"]["overall"]["free_verification_speedup"] == pytest.approx(1.5 / 0.9)
+    assert summary["peer"]["overall"]["free_verification_speedup"] is None
+
+
 # -- report, plots, atomic writes ---------------------------------------------------------------
 
 
@@ -327,6 +349,7 @@ def test_markdown_report_has_the_tables():
     for heading in (
         "Speedup over plain decoding",
         "Speedup excluding prefill",
+        "Speedup if verification were free",
         "Tokens per second",
         "Mean acceptance length",
         "Greedy output identical to vanilla",
@@ -334,7 +357,7 @@ def test_markdown_report_has_the_tables():
         "Environment",
     ):
         assert f"\n## {heading}\n" in text
-    assert text.count("| method | overall | a | b |") == 5
+    assert text.count("| method | overall | a | b |") == 6
     assert "| ngram | 2.00x | 2.00x | 2.00x |" in text
     assert "| ngram | 75% | 25% |" in text  # by position, pooled: (2 + 1) / 4, (1 + 0) / 4
     assert "onepass bench --max-tokens 4" in text and "| cpu | test cpu |" in text

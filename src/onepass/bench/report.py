@@ -85,6 +85,13 @@ def summary_tables(results: dict[str, Any]) -> str:
         "the first token. The prompt's prefill is the same work for every method; "
         f"{MISSING} = not reported (peers).",
         metric_table(results, "decode_speedup", "speedup"),
+        "## Speedup if verification were free",
+        "The speedup each method's acceptance allows if a forward scoring its draft cost no "
+        "more than one plain decoding step and drafting took no time: vanilla's seconds / (its "
+        "prefill + its decoding seconds x the method's forwards / vanilla's forwards). The gap "
+        "to the measured speedup is what verification and drafting cost; "
+        f"{MISSING} = not reported (peers).",
+        metric_table(results, "free_verification_speedup", "speedup"),
         "## Tokens per second",
         "Total new tokens / total decoding seconds (prefill included).",
         metric_table(results, "tokens_per_s", "rate"),

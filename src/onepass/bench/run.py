@@ -138,6 +138,9 @@ class Record:
     """The same ratio without the prompt's prefill (decode_tokens_per_s; None for runners that
     do not report their prefill time)."""
     mean_acceptance_length: float | None
+    free_verification_speedup: float | None
+    """The speedup this method's acceptance allows if each of its forwards cost one plain
+    decoding step and drafting took no time (free_verification_speedup; None for peers)."""
     identical_to_vanilla: bool | None
     """Greedy only: the same token ids as vanilla in every turn (None when sampling)."""
     num_drafts: int | None = None
@@ -177,6 +180,7 @@ def make_record(
         speedup=run.tokens_per_s / vanilla.tokens_per_s if rates_ok else None,
         decode_speedup=decode / decode_vanilla if decode and decode_vanilla else None,
         mean_acceptance_length=stats.mean_acceptance_length if stats else None,
+        free_verification_speedup=free_verification_speedup(run, vanilla),
         identical_to_vanilla=run.token_ids == vanilla.token_ids if greedy else None,
         num_drafts=stats.num_drafts if stats else None,
         num_draft_tokens=stats.num_draft_tokens if stats else None,
@@ -185,6 +189,19 @@ def make_record(
         turns=len(run.turns),
         repeat_seconds=[r.seconds for r in runs],
     )
+
+
+def free_verification_speedup(run: Conversation, vanilla: Conversation) -> float | None:
+    """The run's tokens/s over vanilla's if each of its forwards took one plain decoding step
+    (vanilla's seconds per forward after its prefill) and drafting took no time: what its
+    acceptance allows. The gap to the measured speedup is what verification and drafting cost;
+    a ceiling below a target means that reaching it takes more acceptance, not cheaper steps."""
+    stats, plain, prefill = run.stats, vanilla.stats, vanilla.prefill_seconds
+    if stats is None or plain is None or prefill is None or not plain.num_drafts:
+        return None
+    per_forward = (vanilla.seconds - prefill) / plain.num_drafts
+    seconds = prefill + per_forward * stats.num_drafts
+    return run.new_tokens / seconds / vanilla.tokens_per_s if vanilla.tokens_per_s > 0 else None
 
 
 def run_questions(
@@ -240,11 +257,15 @@ def geometric_mean(values: Sequence[float]) -> float:
 
 
 def group_summary(records: Sequence[Record]) -> dict[str, Any]:
-    """speedup (and decode_speedup, prefill excluded): geometric mean of per-question ratios;
+    """speedup (and decode_speedup, prefill excluded, and free_verification_speedup):
+    geometric mean of per-question ratios;
     tokens_per_s: total new tokens / total seconds; acceptance: vLLM's pooled counts
     (1 + accepted / drafts; accepted_per_pos[d] / drafts)."""
     ratios = [r.speedup for r in records if r.speedup is not None]
     decode_ratios = [r.decode_speedup for r in records if r.decode_speedup is not None]
+    ceilings = [
+        r.free_verification_speedup for r in records if r.free_verification_speedup is not None
+    ]
     seconds = sum(r.seconds for r in records)
     counted = [r for r in records if r.num_drafts]
     drafts = sum(r.num_drafts for r in counted)
@@ -257,6 +278,7 @@ def group_summary(records: Sequence[Record]) -> dict[str, Any]:
     return {
         "speedup": geometric_mean(ratios) if ratios else None,
         "decode_speedup": geometric_mean(decode_ratios) if decode_ratios else None,
+        "free_verification_speedup": geometric_mean(ceilings) if ceilings else None,
         "tokens_per_s": sum(r.new_tokens for r in records) / seconds if seconds > 0 else 0.0,
         "mean_acceptance_length": (
             1 + sum(r.num_accepted_tokens for r in counted) / drafts if drafts else None
