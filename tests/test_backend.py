@@ -16,7 +16,7 @@ from conftest import (
 )
 
 from onepass.models import llama
-from onepass.models.layer_stack import GEMM_PLAIN, GEMM_SMALL
+from onepass.models.layer_stack import GEMM_MKL, GEMM_PLAIN, GEMM_SMALL
 from onepass.models.llama import NativeDecoder
 from onepass.tree import Tree
 
@@ -215,7 +215,6 @@ def intel_cpu() -> bool:
 def packed_gemms(intel_only_mkl: bool = False) -> list:
     """The packed GEMMs this machine can run; the others are parametrized as skipped.
     intel_only_mkl: MKL's case runs on Intel CPUs only."""
-    from onepass.models.layer_stack import GEMM_MKL, GEMM_SMALL
     from onepass.models.llama import mkl_packing_available
 
     cpu, fp32 = torch.device("cpu"), torch.float32
