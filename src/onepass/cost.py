@@ -3,23 +3,28 @@
 Speculation pays only when the expected tokens per step grow faster than t(k). On a CPU t(k)
 is far from flat (design.md §6), so drafters are sized by it instead of by a fixed k. The curve
 is measured once per model and machine (after a short and a long context: attention makes
-extra rows dearer as the context grows; ~20 s) and cached on disk.
+extra rows dearer as the context grows; ~20 s) and cached on disk, in one JSON file that
+concurrent processes update under a lock.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
+import warnings
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from onepass.cache import CURVES_FILE, lock_path, locked, write_atomically
 from onepass.models.base import Backend
 
 SIZES = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 17, 20, 24, 32)  # 16 -> 17: MKL's pack size
@@ -65,15 +70,44 @@ class CostModel:
         }
 
     @classmethod
-    def from_dict(cls, entry: dict) -> CostModel:
+    def from_dict(cls, entry: Any) -> CostModel:
+        """The inverse of as_dict; ValueError saying what is wrong with a damaged entry."""
+        if not isinstance(entry, dict):
+            raise ValueError("not a JSON object")
+        sizes, seconds = entry.get("sizes"), entry.get("seconds")
+        context, long_context = entry.get("context", 0), entry.get("long_context", 0)
         long_seconds = entry.get("long_seconds")
+        if not (isinstance(sizes, list) and sizes and all(_is_int(k, 1) for k in sizes)):
+            raise ValueError("'sizes' is not a list of positive integers")
+        if sorted(set(sizes)) != sizes:
+            raise ValueError("'sizes' is not increasing")
+        durations = {"seconds": seconds}
+        if long_seconds is not None:
+            durations["long_seconds"] = long_seconds
+        for key, value in durations.items():
+            if not (isinstance(value, list) and len(value) == len(sizes)):
+                raise ValueError(f"{key!r} is not a list as long as 'sizes'")
+            if not all(_is_number(t) and math.isfinite(t) and t > 0 for t in value):
+                raise ValueError(f"{key!r} holds a value that is not a positive duration")
+        if not (_is_int(context, 0) and _is_int(long_context, 0)):
+            raise ValueError("'context' or 'long_context' is not a non-negative integer")
+        if long_seconds is not None and long_context <= context:
+            raise ValueError("'long_context' is not longer than 'context'")
         return cls(
-            tuple(entry["sizes"]),
-            tuple(entry["seconds"]),
-            entry.get("context", 0),
+            tuple(sizes),
+            tuple(seconds),
+            context,
             None if long_seconds is None else tuple(long_seconds),
-            entry.get("long_context", 0),
+            long_context,
         )
+
+
+def _is_int(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _interpolate(sizes: tuple[int, ...], secs: tuple[float, ...], rows: int) -> float:
@@ -156,20 +190,46 @@ def _measure_at(
 
 
 def cached_cost_model(backend: Backend, key: str, cache_dir: Path) -> CostModel:
-    """The measured curve for this model + machine, from `cache_dir` or measured now."""
+    """The measured curve for this model + machine, from `cache_dir` or measured now. A
+    damaged file or entry is measured again (with a warning); concurrent processes each add
+    their own entry."""
     backend_id = f"{type(backend).__name__}-{getattr(backend, 'revision', 0)}"
     ident = f"{key}|{backend_id}|{platform.processor() or platform.machine()}|{torch.__version__}"
     ident += f"|{torch.get_num_threads()}|{getattr(backend, 'dtype', '')}"
     # A small KV cache clamps the long context: such a curve must not serve a larger cache.
     ident += "|contexts {} {}".format(*measured_contexts(backend))
-    path = cache_dir / "cost_curves.json"
-    curves = json.loads(path.read_text()) if path.exists() else {}
+    path = cache_dir / CURVES_FILE
+    curves = _read_curves(path, warn=True)
     if ident in curves:
-        return CostModel.from_dict(curves[ident])
+        try:
+            return CostModel.from_dict(curves[ident])
+        except ValueError as e:
+            _warn(f"ignoring this model's damaged cost curve in {path} ({e}); measuring it again")
     model = measure(backend, progress=True)
-    curves[ident] = model.as_dict()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(curves, indent=1))
-    tmp.replace(path)
+    with locked(lock_path(path)):
+        # Read again under the lock: another process may have added its entry meanwhile.
+        curves = _read_curves(path, warn=False)
+        curves[ident] = model.as_dict()
+        write_atomically(path, json.dumps(curves, indent=1))
     return model
+
+
+def _read_curves(path: Path, warn: bool) -> dict[str, Any]:
+    """The file's curves by ident; {} if it is missing or damaged (then rewritten whole)."""
+    try:
+        curves = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        problem = f"{type(e).__name__}: {e}"
+    else:
+        if isinstance(curves, dict):
+            return curves
+        problem = "not a JSON object"
+    if warn:
+        _warn(f"ignoring the damaged cost-curve file {path} ({problem}); measuring again")
+    return {}
+
+
+def _warn(message: str) -> None:
+    warnings.warn(f"onepass: {message}", RuntimeWarning, stacklevel=3)

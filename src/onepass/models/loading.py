@@ -3,7 +3,9 @@
 
 A GGUF file is converted once (dequantized weights as safetensors, plus the tokenizer saved in
 Hugging Face's format) into a cache directory, so later loads take a second or two instead of
-the ≈15 s that dequantizing and building the tokenizer cost.
+the ≈15 s that dequantizing and building the tokenizer cost. Entries are keyed by the file's
+content, converted by one process at a time (a lock file; others wait and reuse the result),
+checked when loaded and converted again, with a warning, if damaged.
 """
 
 from __future__ import annotations
@@ -13,18 +15,30 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from onepass.cache import (
+    MARKER,
+    MODELS_DIR,
+    default_cache_dir,
+    fsync_path,
+    fsync_tree,
+    lock_path,
+    locked,
+)
 from onepass.errors import ModelLoadError
 from onepass.models.config import ModelConfig
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-_CACHE_FORMAT = "1"
+CACHE_FORMAT = "2"
+"""In the converted models' directory names: a change of layout never reads an old entry."""
 
 
 @dataclass
@@ -33,11 +47,9 @@ class LoadedModel:
     config: ModelConfig
     weights: dict[str, torch.Tensor]
     tokenizer: Any  # transformers.PreTrainedTokenizerBase
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "onepass"
+    fingerprint: str
+    """A hash of the model's content (a GGUF file's bytes; an HF directory's config and weight
+    files' names, sizes and times): what caches derived from the model are keyed by."""
 
 
 def default_model_path() -> Path:
@@ -96,7 +108,8 @@ def _load_hf_dir(path: Path, name: str) -> LoadedModel:
             weights.update(load_file(file))
         except Exception as e:  # safetensors raises its own error types on damaged files
             raise ModelLoadError(f"{file} is not a readable safetensors file ({e})") from None
-    return LoadedModel(name, config, weights, _load_tokenizer(path))
+    fingerprint = _hf_fingerprint(path, files)
+    return LoadedModel(name, config, weights, _load_tokenizer(path), fingerprint)
 
 
 def _load_tokenizer(path: Path, **kwargs: Any) -> Any:
@@ -108,33 +121,141 @@ def _load_tokenizer(path: Path, **kwargs: Any) -> Any:
         raise ModelLoadError(f"cannot load a tokenizer from {path} ({e})") from None
 
 
-def _cache_key(path: Path) -> str:
-    stat = path.stat()
-    ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_CACHE_FORMAT}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:20]
+def file_fingerprint(path: Path) -> str:
+    """A hash of the file's bytes (blake2b, streamed: ≈0.08 s for the 98 MB default model)."""
+    digest = hashlib.blake2b(digest_size=32)
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path} ({e})") from None
+    return digest.hexdigest()
+
+
+def _hf_fingerprint(path: Path, weight_files: list[Path]) -> str:
+    """config.json's bytes and the weight files' names, sizes and times (hashing gigabytes of
+    weights on every load would cost more than it tells)."""
+    digest = hashlib.blake2b((path / "config.json").read_bytes(), digest_size=32)
+    for file in weight_files:
+        stat = file.stat()
+        digest.update(f"|{file.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+class _DamagedEntry(Exception):
+    """A converted model in the cache that does not load as written; the message says why."""
 
 
 def _load_gguf_cached(path: Path, name: str, cache_root: Path) -> LoadedModel:
+    """The conversion of `path` from the cache, made first if it is missing or damaged. Keyed by
+    the file's content: copies of one model in several places share one entry."""
+    fingerprint = file_fingerprint(path)
+    entry = cache_root / MODELS_DIR / f"v{CACHE_FORMAT}-{fingerprint[:32]}"
+    lock = lock_path(entry)
+    note = f"onepass: waiting for another process converting or loading {path.name} ({entry})"
+    # Readers share the lock and a converter holds it alone: nobody reads a half-replaced
+    # entry, and two processes never convert the same model at once.
+    if entry.exists():
+        with locked(lock, shared=True, wait_note=note), suppress(_DamagedEntry):
+            return _read_entry(entry, name, fingerprint)
+    with locked(lock, wait_note=note):
+        if entry.exists():  # made by the process we waited for, or damaged
+            try:
+                return _read_entry(entry, name, fingerprint)
+            except _DamagedEntry as e:
+                warnings.warn(
+                    f"onepass: the converted model {entry} is damaged ({e}); converting "
+                    f"{path} again",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                shutil.rmtree(entry)  # no reader: we hold the lock alone
+        _convert_gguf(path, entry, fingerprint)
+        try:
+            return _read_entry(entry, name, fingerprint)
+        except _DamagedEntry as e:  # not the cache's fault: the conversion itself is wrong
+            raise ModelLoadError(f"{path} converts into an unusable model ({e})") from None
+
+
+def _read_entry(entry: Path, name: str, fingerprint: str) -> LoadedModel:
+    """Load a converted model, checked against the file sizes its marker recorded and the
+    tensor shapes its config implies; _DamagedEntry says what is wrong."""
     from safetensors.torch import load_file
 
-    entry = cache_root / "gguf" / _cache_key(path)
-    if not (entry / "complete").exists():
-        _convert_gguf(path, entry)
-    config = ModelConfig(**json.loads((entry / "onepass_config.json").read_text()))
-    weights = load_file(entry / "model.safetensors")
-    return LoadedModel(name, config, weights, _load_tokenizer(entry))
+    try:
+        marker = json.loads((entry / MARKER).read_text())
+        for file, size in marker["files"].items():
+            if (entry / file).stat().st_size != size:
+                raise ValueError(f"{file} is not {size} bytes long")
+        config = ModelConfig(**json.loads((entry / "onepass_config.json").read_text()))
+        weights = load_file(entry / "model.safetensors")
+    except Exception as e:  # OSError, JSON, TypeError, safetensors' own error types
+        raise _DamagedEntry(f"{type(e).__name__}: {_first_line(e)}") from None
+    for tensor, shape in expected_shapes(config).items():
+        if tensor not in weights:
+            raise _DamagedEntry(f"no tensor {tensor}")
+        if tuple(weights[tensor].shape) != shape:
+            got = tuple(weights[tensor].shape)
+            raise _DamagedEntry(f"tensor {tensor} has shape {got}, the config implies {shape}")
+    try:
+        tokenizer = _load_tokenizer(entry)
+    except ModelLoadError as e:
+        raise _DamagedEntry(_first_line(e)) from None
+    with suppress(OSError):  # `onepass cache list` shows it as the last use
+        os.utime(entry / MARKER)
+    return LoadedModel(name, config, weights, tokenizer, fingerprint)
 
 
-def _convert_gguf(path: Path, entry: Path) -> None:
-    """Dequantize once into `entry`; written to a temporary directory and renamed, so an
-    interrupted conversion never leaves a half-written cache entry behind."""
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the native decoder reads, with its shape (Hugging Face names)."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes = {
+        "model.embed_tokens.weight": (config.vocab_size, hidden),
+        "model.norm.weight": (hidden,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, hidden)
+    layer = {
+        "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (q_rows, hidden),
+        "self_attn.k_proj.weight": (kv_rows, hidden),
+        "self_attn.v_proj.weight": (kv_rows, hidden),
+        "self_attn.o_proj.weight": (hidden, q_rows),
+        "mlp.gate_proj.weight": (inner, hidden),
+        "mlp.up_proj.weight": (inner, hidden),
+        "mlp.down_proj.weight": (hidden, inner),
+    }
+    if config.attention_bias:
+        layer |= {
+            "self_attn.q_proj.bias": (q_rows,),
+            "self_attn.k_proj.bias": (kv_rows,),
+            "self_attn.v_proj.bias": (kv_rows,),
+        }
+    for i in range(config.num_layers):
+        shapes |= {f"model.layers.{i}.{tensor}": shape for tensor, shape in layer.items()}
+    return shapes
+
+
+def _convert_gguf(path: Path, entry: Path, fingerprint: str) -> None:
+    """Dequantize once into `entry`. Written into a temporary directory, fsynced and renamed,
+    so an interrupted conversion (or a power cut) never leaves a half-written entry behind.
+    The caller holds the entry's lock."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     from onepass.models.gguf import load_gguf
 
     entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
+    for stale in entry.parent.glob(f".{entry.name}.tmp-*"):  # left by a killed conversion
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
     try:
         with tqdm(desc=f"Converting {path.name} (once)", unit="tensor", leave=False) as bar:
 
@@ -147,9 +268,11 @@ def _convert_gguf(path: Path, entry: Path) -> None:
         tokenizer.save_pretrained(str(tmp))
         save_file(weights, str(tmp / "model.safetensors"))
         (tmp / "onepass_config.json").write_text(json.dumps(asdict(config)))
-        (tmp / "complete").write_text(str(path))
-        if entry.exists():  # a previous, incomplete attempt
-            shutil.rmtree(entry)
+        files = {file.name: file.stat().st_size for file in tmp.iterdir()}
+        marker = {"format": CACHE_FORMAT, "source": str(path.resolve()), "files": files}
+        (tmp / MARKER).write_text(json.dumps({**marker, "fingerprint": fingerprint}))
+        fsync_tree(tmp)
         os.replace(tmp, entry)
+        fsync_path(entry.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
