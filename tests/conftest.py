@@ -73,3 +73,16 @@ def llm():
     from onepass import LLM
 
     return LLM("default", max_model_len=4096)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(llm, tmp_path_factory):
+    """An LLM over a tiny random Llama that uses the default model's tokenizer: the whole API
+    (chat template, stop strings, drafters) at a fraction of the real model's cost."""
+    from onepass import LLM
+
+    folder = tmp_path_factory.mktemp("tiny_model")
+    config = tiny_config(vocab_size=len(llm.tokenizer), max_position_embeddings=512)
+    hf_model(config).save_pretrained(folder, safe_serialization=True)
+    llm.tokenizer.save_pretrained(folder)
+    return LLM(str(folder), max_model_len=256, cache_dir=folder / "cache")

@@ -4,8 +4,6 @@ window's Jacobi update, and greedy identity through the engine on a tiny model."
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from conftest import tiny_pair
@@ -261,8 +259,11 @@ def run(backend, prompt: list[int], drafter, max_tokens: int) -> tuple[list[int]
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     processor = LogitsProcessor(params, prompt, 97, [], torch.device("cpu"))
     stats = SpecDecodeStats()
-    steps = decode(backend, prompt, params, processor, drafter, stats, RequestRandomness(0))
-    out = list(itertools.chain.from_iterable(steps))
+    out = []
+    for step in decode(backend, prompt, params, processor, drafter, RequestRandomness(0)):
+        out += step.tokens
+        if step.verified:
+            stats.observe(step.num_draft_tokens, step.num_accepted)
     return out[:max_tokens], stats
 
 

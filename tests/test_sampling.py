@@ -36,7 +36,7 @@ def test_defaults_follow_vllm():
     p = SamplingParams()
     assert (p.temperature, p.top_p, p.top_k, p.max_tokens) == (1.0, 1.0, 0, 16)
     assert SamplingParams(temperature=0).greedy
-    assert SamplingParams(stop="x").stop_strings == ["x"]
+    assert SamplingParams(stop="x").stop_strings == ("x",)
 
 
 def test_top_k_and_top_p_and_min_p():

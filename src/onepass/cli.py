@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from onepass.errors import OnepassError
 
@@ -18,6 +19,13 @@ EXIT_USAGE = 2
 
 class UsageError(OnepassError):
     pass
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with onepass's one-line errors (`onepass: error: ...`, exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"onepass: error: {message} (see {self.prog} --help)\n")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -217,12 +225,13 @@ def compare(llm: Any, prompt: Any, params: Any, spec: Any) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from onepass.config import SpeculativeConfig
 
+    if sys.stdin is None or sys.stdin.closed:
+        raise UsageError("chat reads the conversation from standard input, which is closed")
     spec = SpeculativeConfig.parse(speculative_config(args))
     params = sampling_params(args)
     llm = load_llm(args)
-    messages: list[dict[str, str]] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    turns: list[dict[str, str]] = []  # user and assistant messages, oldest first
     print("onepass chat: /reset clears the conversation, /exit or Ctrl-D leaves.", file=sys.stderr)
     while True:
         try:
@@ -235,18 +244,55 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if line in ("/exit", "/quit"):
             return
         if line == "/reset":
-            messages = messages[:1] if args.system else []
+            turns = []
             continue
-        messages.append({"role": "user", "content": line})
+        fitted = fit_conversation(
+            llm, system, [*turns, {"role": "user", "content": line}], params.max_tokens
+        )
+        if fitted is None:
+            print(
+                f"onepass: this message does not fit in the context window "
+                f"({llm.max_model_len} tokens with --max-tokens {params.max_tokens}); "
+                "send a shorter one",
+                file=sys.stderr,
+            )
+            continue
+        turns = fitted
         sys.stdout.write("assistant> ")
-        reply, line = stream_to_stdout(llm, messages, params, spec)
-        messages.append({"role": "assistant", "content": reply})
+        try:
+            reply, summary_line = stream_to_stdout(llm, system + turns, params, spec)
+        except KeyboardInterrupt:  # stop this reply, keep the conversation
+            print("\n[reply interrupted]", file=sys.stderr)
+            turns.pop()
+            continue
+        turns.append({"role": "assistant", "content": reply})
         if args.verbose:
-            print(line, file=sys.stderr)
+            print(summary_line, file=sys.stderr)
+
+
+def fit_conversation(
+    llm: Any, system: list[dict[str, str]], turns: list[dict[str, str]], max_tokens: int
+) -> list[dict[str, str]] | None:
+    """Drop the oldest turns (a user message and its answer) until the conversation plus a
+    reply of max_tokens fits the context window, saying so; None if even the last message
+    alone does not fit."""
+    dropped = 0
+    while len(llm.chat_template_ids(system + turns)) + max_tokens > llm.max_model_len:
+        if len(turns) == 1:
+            return None
+        turns = turns[2:]
+        dropped += 1
+    if dropped:
+        print(
+            f"onepass: the conversation outgrew the context window ({llm.max_model_len} "
+            f"tokens); dropped the oldest {dropped} turn(s)",
+            file=sys.stderr,
+        )
+    return turns
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="onepass",
         description="Lossless speculative decoding: draft several tokens, verify them in one "
         "forward pass of the target model.",
@@ -290,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     from onepass.bench.cli import add_bench_parser
 
     add_bench_parser(sub, add_model_args)
+    from onepass.cache import add_cache_parser
+
+    add_cache_parser(sub)
     return parser
 
 
@@ -304,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader left (`onepass generate ... | head`): stop quietly, as other tools do,
+        # and keep the interpreter's final flush from failing on the closed pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, the status of a tool the pipe's reader cut short
     return 0
 
 

@@ -11,12 +11,13 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from onepass.errors import OnepassError
+from onepass.errors import InputError
+from onepass.validation import OptionTypeError, check_values
 
 ACCEPTANCE_METHODS = ("rejection_sampler", "typical_acceptance_sampler")
 
 
-class ConfigError(OnepassError, ValueError):
+class ConfigError(InputError):
     """An invalid speculative_config."""
 
 
@@ -38,6 +39,13 @@ class SpeculativeConfig:
     def __post_init__(self) -> None:
         from onepass.drafters import METHODS, options_class
 
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        try:
+            values = check_values(SpeculativeConfig, values)
+        except OptionTypeError as e:
+            raise ConfigError(str(e)) from None
+        for name, value in values.items():
+            setattr(self, name, value)
         if self.method not in METHODS:
             raise ConfigError(
                 f"unknown speculative method {self.method!r}; valid: {', '.join(METHODS)}"
@@ -95,6 +103,6 @@ def build_options(cls: type, method: str, values: dict[str, Any]) -> Any:
             f"unknown key(s) {', '.join(unknown)} for method {method!r}; its keys: {listed}"
         )
     try:
-        return cls(**values)
+        return cls(**check_values(cls, values))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{method}: {e}") from None

@@ -8,12 +8,12 @@ next forward, whose row 0 scores it together with the next draft (design.md §3)
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from onepass.drafters.base import DecodeState, Draft, Drafter
 from onepass.models.base import Backend, ModelOutput
-from onepass.outputs import SpecDecodeStats
 from onepass.sampling import LogitsProcessor, RequestRandomness, SamplingParams
 from onepass.verify import verify
 from onepass.verify.base import Verdict
@@ -49,34 +49,52 @@ def forward_rows(draft: Draft, root: int, start: int, device: torch.device):
     return ids, positions, mask.to(device)
 
 
+@dataclass(frozen=True)
+class Step:
+    """What one target forward emitted."""
+
+    tokens: list[int]
+    """Accepted draft tokens, then the recovered-or-bonus token."""
+    num_draft_tokens: int
+    """Draft nodes the forward scored besides the root."""
+    verified: bool = True
+    """False for the prefill's first token (no draft was verified)."""
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.tokens) - 1
+
+
 def decode(
     backend: Backend,
     prompt_ids: Sequence[int],
     params: SamplingParams,
     processor: LogitsProcessor,
     drafter: Drafter,
-    stats: SpecDecodeStats,
     rng: RequestRandomness,
     typical: tuple[float, float] | None = None,
-) -> Iterator[list[int]]:
-    """Yield the tokens of each step. Stops only when the KV cache is full: the caller applies
-    max_tokens, EOS and stop conditions and simply stops iterating."""
+) -> Iterator[Step]:
+    """Yield each step's tokens. Stops when max_tokens are emitted or prompt + output fill the
+    context window (backend.max_len); the caller applies EOS and stop conditions and simply
+    stops iterating."""
     device = getattr(backend, "device", torch.device("cpu"))
     tokens = list(prompt_ids)  # prompt + emitted; the last one is the root
     drafter.start(tokens)
     out = backend.prefill(torch.tensor(tokens, device=device))
     first = processor.process(out.logits[-1:])
-    step = verify(Draft.empty(), first, processor, rng, typical).tokens
+    step = Step(verify(Draft.empty(), first, processor, rng, typical).tokens, 0, verified=False)
     generated = 0
     while True:
-        tokens.extend(step)
-        processor.observe(step)
-        generated += len(step)
+        tokens.extend(step.tokens)
+        processor.observe(step.tokens)
+        generated += len(step.tokens)
         yield step
-        root = step[-1]
-        room = backend.max_len - backend.cache_len - 1  # rows left after the root's
-        remaining = params.max_tokens - generated if params.max_tokens is not None else room + 1
-        if room < 0 or remaining <= 0:
+        root = step.tokens[-1]
+        # The root is not in the KV cache yet: both it and `room` draft rows fit, and a step
+        # emits at most depth + 1 tokens, so prompt + output never exceed max_len.
+        room = backend.max_len - len(tokens)
+        remaining = room if params.max_tokens is None else min(room, params.max_tokens - generated)
+        if remaining <= 0:
             return
         state = DecodeState(tokens, len(prompt_ids), max_draft_tokens=room, max_depth=remaining - 1)
         draft = drafter.propose(state).truncated(max_depth=state.max_depth, max_nodes=room)
@@ -94,5 +112,4 @@ def decode(
         verdict = verify(draft, logits, processor, rng, typical)
         backend.commit(torch.tensor([0, *(i + 1 for i in verdict.path)]))
         drafter.observe(draft, verdict, out)
-        stats.observe(draft, verdict)
-        step = verdict.tokens
+        step = Step(verdict.tokens, len(draft))

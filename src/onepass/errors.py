@@ -8,3 +8,11 @@ class OnepassError(Exception):
 
 class ModelLoadError(OnepassError):
     """The model could not be found, read or understood."""
+
+
+class InputError(OnepassError, ValueError):
+    """An invalid request: a prompt, sampling parameter or option the user gave."""
+
+
+class BusyError(OnepassError, RuntimeError):
+    """A request started on an LLM that is running another one in the same thread."""

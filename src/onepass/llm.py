@@ -9,9 +9,11 @@ import copy
 import itertools
 import json
 import random
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from onepass.config import SpeculativeConfig
 from onepass.cost import CostModel, cached_cost_model
 from onepass.drafters import DraftContext, Drafter, build_drafter
 from onepass.engine import NoDrafter, decode
+from onepass.errors import BusyError, InputError
 from onepass.models.llama import NativeDecoder
 from onepass.models.loading import default_cache_dir, load_model
 from onepass.outputs import CompletionOutput, RequestMetrics, RequestOutput, SpecDecodeStats
@@ -43,6 +46,10 @@ class DrafterSnapshot:
 
 
 class LLM:
+    """One model, one request at a time: concurrent calls from several threads wait their turn;
+    a second request started in the thread whose stream is still being iterated is refused
+    (BusyError) instead of sharing its KV cache."""
+
     def __init__(
         self,
         model: str = "default",
@@ -57,16 +64,14 @@ class LLM:
         Face model directory. speculative_config: vLLM-style dict or JSON; None = plain
         decoding. max_model_len: context window (prompt + output) to allocate the KV cache for."""
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+            raise InputError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
         self.speculative_config = SpeculativeConfig.parse(speculative_config)
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         loaded = load_model(model, self.cache_dir)
         self.model_name = loaded.name
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.max_model_len = max_model_len or min(loaded.config.max_position_embeddings, 8192)
-        if self.max_model_len < 2:
-            raise ValueError("max_model_len must be at least 2")
+        self.max_model_len = self._context_window(max_model_len, loaded.config)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.backend = NativeDecoder(
             loaded.config,
@@ -77,8 +82,10 @@ class LLM:
         )
         self.eos_token_ids = self._eos_token_ids()
         self._drafters: dict[str, Drafter] = {}
-        self._model_key = f"{model}|{json.dumps(asdict(loaded.config), sort_keys=True)}"
+        self._model_key = loaded.fingerprint  # content and config: not the path
         self._cost_model: CostModel | None = None
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # thread running the current request
 
     # -- public API -------------------------------------------------------------------------
 
@@ -92,14 +99,14 @@ class LLM:
         """Complete each prompt (no chat template). speculative_config overrides the LLM's
         for these requests."""
         prompt_list = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
+        if not prompt_list:
+            raise InputError("no prompt given")
+        encoded = [self._encode(p) for p in prompt_list]  # every prompt checked before any runs
         return [
             self._run_to_end(
-                self._encode(p),
-                p if isinstance(p, str) else None,
-                sampling_params,
-                speculative_config,
+                ids, p if isinstance(p, str) else None, sampling_params, speculative_config
             )
-            for p in prompt_list
+            for ids, p in zip(encoded, prompt_list, strict=True)
         ]
 
     def chat(
@@ -111,12 +118,12 @@ class LLM:
     ) -> list[RequestOutput]:
         """Answer one conversation (a list of {"role", "content"} messages) or several,
         through the tokenizer's chat template."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        outputs = []
-        for conversation in conversations:
-            ids = self.chat_token_ids(conversation)
-            outputs.append(self._run_to_end(ids, None, sampling_params, speculative_config))
-        return outputs
+        single = isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], dict)
+        conversations = [messages] if single else messages
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise InputError("messages must be a non-empty list of {role, content} messages")
+        encoded = [self.chat_token_ids(c) for c in conversations]
+        return [self._run_to_end(ids, None, sampling_params, speculative_config) for ids in encoded]
 
     def stream(
         self,
@@ -140,6 +147,12 @@ class LLM:
     def cost_model(self) -> CostModel:
         """The backend's measured cost curve t(k) (cached per model and machine)."""
         if self._cost_model is None:
+            with self._exclusive():  # measuring clobbers the KV cache
+                self._cost_model = self._measured_cost_model()
+        return self._cost_model
+
+    def _measured_cost_model(self) -> CostModel:
+        if self._cost_model is None:
             self._cost_model = cached_cost_model(self.backend, self._model_key, self.cache_dir)
         return self._cost_model
 
@@ -154,32 +167,76 @@ class LLM:
         if spec is None:
             return None
         key = self._drafter_key(spec)
-        drafter = self._drafters.get(key)
-        return DrafterSnapshot(key, None if drafter is None else self._copy(drafter))
+        with self._exclusive():
+            drafter = self._drafters.get(key)
+            return DrafterSnapshot(key, None if drafter is None else self._copy(drafter))
 
     def restore_drafter(self, snapshot: DrafterSnapshot | None) -> None:
         """Make the drafter what it was at snapshot_drafter (a snapshot can be restored again)."""
         if snapshot is None:
             return
-        if snapshot.drafter is None:  # not built then: the next request builds a fresh one
-            self._drafters.pop(snapshot.key, None)
-        else:
-            self._drafters[snapshot.key] = self._copy(snapshot.drafter)
+        with self._exclusive():
+            if snapshot.drafter is None:  # not built then: the next request builds a fresh one
+                self._drafters.pop(snapshot.key, None)
+            else:
+                self._drafters[snapshot.key] = self._copy(snapshot.drafter)
 
     def chat_token_ids(self, messages: Sequence[Message]) -> list[int]:
-        if not messages:
-            raise ValueError("messages is empty")
-        for m in messages:
+        """The conversation through the chat template, checked to fit the context window."""
+        return self._check_ids(self.chat_template_ids(messages))
+
+    def chat_template_ids(self, messages: Sequence[Message]) -> list[int]:
+        """The conversation through the chat template, whatever its length."""
+        if isinstance(messages, (str, dict)) or not messages:
+            raise InputError("messages must be a non-empty list of {role, content} messages")
+        for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError('each message needs "role" and "content"')
+                raise InputError(f'message {i} needs "role" and "content"')
+            for key in ("role", "content"):
+                if not isinstance(m[key], str):
+                    raise InputError(
+                        f"message {i}: {key} must be a string, got {type(m[key]).__name__}"
+                    )
+        if not any(m["content"] for m in messages):
+            raise InputError("the prompt is empty (every message's content is empty)")
         if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"{self.model_name} has no chat template; use generate()")
+            raise InputError(f"{self.model_name} has no chat template; use generate()")
         ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
-        return self._check_ids(list(ids))
+        return list(ids)
 
     # -- internals --------------------------------------------------------------------------
+
+    @staticmethod
+    def _context_window(max_model_len: int | None, config: Any) -> int:
+        limit = config.max_position_embeddings
+        if max_model_len is None:
+            return min(limit, 8192)
+        if not isinstance(max_model_len, int) or isinstance(max_model_len, bool):
+            raise InputError(f"max_model_len must be an integer, got {max_model_len!r}")
+        if not 2 <= max_model_len <= limit:
+            raise InputError(
+                f"max_model_len must be in 2..{limit} (the model's context length), "
+                f"got {max_model_len}"
+            )
+        return max_model_len
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the model for one request (see the class docstring)."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise BusyError(
+                "this LLM is already running a request in this thread (a stream still being "
+                "iterated?): finish or close() it before starting another"
+            )
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
     def _eos_token_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
@@ -195,7 +252,11 @@ class LLM:
         return copy.deepcopy(drafter, {id(o): o for o in shared})
 
     def _params(self, params: SamplingParams | None) -> SamplingParams:
-        return params if params is not None else SamplingParams()
+        if params is None:
+            return SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InputError(f"sampling_params must be a SamplingParams, got {params!r}")
+        return params
 
     def _spec(self, override: Any) -> SpeculativeConfig | None:
         return (
@@ -204,23 +265,24 @@ class LLM:
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, dict):
-            if "prompt_token_ids" not in prompt:
-                raise ValueError('a dict prompt needs "prompt_token_ids"')
-            return self._check_ids(list(prompt["prompt_token_ids"]))
+            ids = prompt.get("prompt_token_ids")
+            if not isinstance(ids, (list, tuple)):
+                raise InputError('a dict prompt needs "prompt_token_ids": a list of token ids')
+            return self._check_ids(list(ids))
         if not isinstance(prompt, str):
-            raise ValueError(f"a prompt must be a string or a dict, got {type(prompt).__name__}")
+            raise InputError(f"a prompt must be a string or a dict, got {type(prompt).__name__}")
         if not prompt:
-            raise ValueError("the prompt is empty")
+            raise InputError("the prompt is empty")
         return self._check_ids(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
     def _check_ids(self, ids: list[int]) -> list[int]:
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise InputError("the prompt is empty")
         vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise InputError(f"prompt token ids must be integers in [0, {vocab})")
         if len(ids) >= self.max_model_len:
-            raise ValueError(
+            raise InputError(
                 f"the prompt has {len(ids)} tokens; the context window is {self.max_model_len} "
                 "(raise max_model_len or shorten the prompt)"
             )
@@ -236,7 +298,7 @@ class LLM:
                 vocab_size=self.model_config.vocab_size,
                 num_speculative_tokens=spec.num_speculative_tokens,
                 tokenizer=self.tokenizer,
-                cost_model=self.cost_model,
+                cost_model=self._measured_cost_model,  # the request holds the model
             )
             self._drafters[key] = build_drafter(spec.method, spec.method_options, context)
         return self._drafters[key]
@@ -246,6 +308,7 @@ class LLM:
     ) -> RequestOutput:
         params = self._params(params)
         spec = self._spec(spec_override)
+        self._check_length(ids, params)
         seed = self._seed(params)
         outputs, metrics = [], None
         for index in range(params.n):
@@ -274,6 +337,27 @@ class LLM:
         rng: RequestRandomness | None = None,
         delta: bool = True,
     ) -> Iterator[RequestOutput]:
+        self._check_length(ids, params)
+        with self._exclusive():
+            yield from self._decode(ids, text, params, spec, rng, delta)
+
+    def _check_length(self, ids: list[int], params: SamplingParams) -> None:
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise InputError(
+                f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}: "
+                f"together they exceed the context window of {self.max_model_len} tokens "
+                "(lower max_tokens, shorten the prompt or raise max_model_len)"
+            )
+
+    def _decode(
+        self,
+        ids: list[int],
+        text: str | None,
+        params: SamplingParams,
+        spec: SpeculativeConfig | None,
+        rng: RequestRandomness | None,
+        delta: bool,
+    ) -> Iterator[RequestOutput]:
         request_id = str(next(_request_ids))
         rng = rng or RequestRandomness(self._seed(params))
         processor = LogitsProcessor(
@@ -289,21 +373,14 @@ class LLM:
         typical = spec.typical if spec else None
         drafter = self._drafter(spec)  # before the clock: may measure the cost curve, once
         start = time.perf_counter()
-        steps = decode(
-            self.backend,
-            ids,
-            params,
-            processor,
-            drafter,
-            metrics.spec,
-            rng,
-            typical,
-        )
+        steps = decode(self.backend, ids, params, processor, drafter, rng, typical)
         sent_tokens = 0
         for step in steps:
             if not metrics.prefill_seconds:
                 metrics.prefill_seconds = time.perf_counter() - start
-            assembler.add(step)
+            taken = assembler.add(step.tokens)
+            if step.verified:  # count only the accepted tokens that were emitted
+                metrics.spec.observe(step.num_draft_tokens, min(step.num_accepted, taken - 1))
             if assembler.finished:
                 break
             if delta:

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from onepass.drafters.base import Draft
-from onepass.verify.base import Verdict
-
 
 @dataclass
 class SpecDecodeStats:
     """Counts over the verification steps of a request (every target forward after prefill).
 
     mean_acceptance_length = 1 + num_accepted_tokens / num_drafts: tokens emitted per target
-    forward, bonus token included, so plain decoding is exactly 1.0.
+    forward, bonus token included, so plain decoding is exactly 1.0. Only emitted tokens count:
+    when a stop condition ends the output inside a step, the tokens after it were not accepted.
     """
 
     num_drafts: int = 0
@@ -22,10 +20,10 @@ class SpecDecodeStats:
     accepted_per_pos: list[int] = field(default_factory=list)
     """accepted_per_pos[d]: steps whose accepted path reached depth d + 1."""
 
-    def observe(self, draft: Draft, verdict: Verdict) -> None:
+    def observe(self, num_draft_tokens: int, accepted: int) -> None:
+        """One verification step: `num_draft_tokens` scored, `accepted` of them emitted."""
         self.num_drafts += 1
-        self.num_draft_tokens += len(draft)
-        accepted = len(verdict.path)
+        self.num_draft_tokens += num_draft_tokens
         self.num_accepted_tokens += accepted
         if len(self.accepted_per_pos) < accepted:
             self.accepted_per_pos.extend([0] * (accepted - len(self.accepted_per_pos)))

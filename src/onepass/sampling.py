@@ -2,27 +2,41 @@
 pipeline shared by plain decoding, the verifiers and the drafters.
 
 Order of operations, as vLLM's V1 sampler: penalties (repetition, presence, frequency) and
-min_tokens on raw logits; then temperature, min_p, top_k, top_p. `temperature == 0` is greedy:
-the argmax of the penalised logits. Under sampling, speculative decoding promises exactly the
-distribution this module produces.
+min_tokens on raw logits; then temperature, min_p, top_k, top_p. `temperature == 0` (or below
+1e-5) is greedy: the argmax of the penalised logits. Under sampling, speculative decoding
+promises exactly the distribution this module produces.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from onepass.errors import InputError
+from onepass.validation import OptionTypeError, check_values
 
-@dataclass
+GREEDY_EPSILON = 1e-5
+"""Temperatures below this are greedy decoding (as vLLM): dividing logits by them overflows."""
+SEED_RANGE = (-(2**63), 2**64)
+"""Seeds accepted (torch's generator takes this range)."""
+MAX_N = 128
+
+
+@dataclass(frozen=True)
 class SamplingParams:
+    """Immutable: derive a changed copy with `params.replace(max_tokens=...)`, which validates
+    again. Every value is checked when the object is built: types, ranges, finiteness."""
+
     n: int = 1
-    """Number of completions per prompt."""
+    """Number of completions per prompt (at most 128)."""
     temperature: float = 1.0
-    """0 means greedy decoding."""
+    """0 (or below 1e-5) means greedy decoding."""
     top_p: float = 1.0
     """Keep the smallest set of most likely tokens whose probability reaches top_p."""
     top_k: int = 0
@@ -32,9 +46,11 @@ class SamplingParams:
     seed: int | None = None
     """Seed of this request's random generator; None draws one."""
     max_tokens: int | None = 16
-    """Most tokens to generate; None = until the context window is full."""
+    """Most tokens to generate; None = until the context window is full. Prompt + max_tokens
+    must fit in the context window (max_model_len)."""
     min_tokens: int = 0
-    """EOS and stop_token_ids are blocked until this many tokens are generated."""
+    """EOS, stop_token_ids and stop strings are held back until this many tokens are
+    generated (as vLLM)."""
     stop: str | list[str] | None = None
     """Strings that end generation; not included in the output unless asked."""
     stop_token_ids: list[int] | None = None
@@ -51,25 +67,34 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None
     """Not supported: must stay None."""
-    stop_strings: list[str] = field(init=False, repr=False)
+    stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        def bad(name: str, rule: str) -> ValueError:
-            return ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        try:
+            values = check_values(SamplingParams, values)
+        except OptionTypeError as e:
+            raise InputError(str(e)) from None
+        for name in ("stop", "stop_token_ids"):  # lists become tuples: immutable
+            if isinstance(values[name], list):
+                values[name] = tuple(values[name])
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
 
-        if not isinstance(self.n, int) or self.n < 1:
-            raise bad("n", "an integer >= 1")
+        def bad(name: str, rule: str) -> InputError:
+            return InputError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+        if not 1 <= self.n <= MAX_N:
+            raise bad("n", f"an integer in 1..{MAX_N}")
         if self.temperature < 0:
             raise bad("temperature", ">= 0")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", "in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if self.top_k < -1:
             raise bad("top_k", "-1, 0 (both disable) or a positive integer")
         if not 0 <= self.min_p <= 1:
             raise bad("min_p", "in [0, 1]")
-        if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens < 1
-        ):
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise bad("max_tokens", "an integer >= 1 or None")
         if self.min_tokens < 0 or (
             self.max_tokens is not None and self.min_tokens > self.max_tokens
@@ -80,20 +105,24 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise bad(name, "in [-2, 2]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "an integer or None")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            raise bad("seed", "an integer in [-2**63, 2**64), or None")
         if self.logprobs is not None:
-            raise ValueError("logprobs are not supported yet")
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if any(not isinstance(s, str) or not s for s in stops):
+            raise InputError("logprobs are not supported yet")
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if not all(stops):
             raise bad("stop", "a non-empty string or a list of them")
-        self.stop_strings = stops
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):
+        object.__setattr__(self, "stop_strings", stops)
+        if any(t < 0 for t in self.stop_token_ids or ()):
             raise bad("stop_token_ids", "a list of token ids")
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        """A copy with `changes` applied, validated like a new object."""
+        return dataclasses.replace(self, **changes)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_EPSILON
 
     @property
     def has_penalties(self) -> bool:

@@ -66,11 +66,13 @@ class OutputAssembler:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def add(self, tokens: Sequence[int]) -> None:
-        for token in tokens:
+    def add(self, tokens: Sequence[int]) -> int:
+        """Take tokens until one finishes the output; return how many were taken."""
+        for taken, token in enumerate(tokens):
             if self.finished:
-                return
+                return taken
             self._add_one(token)
+        return len(tokens)
 
     def _add_one(self, token: int) -> None:
         p = self.params
@@ -83,7 +85,8 @@ class OutputAssembler:
             return
         before = len(self.text)
         self.text += self.detok.add(token)
-        if p.stop_strings and len(self.text) > before:
+        # Stop strings are held back until min_tokens, as EOS is (vLLM's rule).
+        if p.stop_strings and len(self.text) > before and len(self.token_ids) >= p.min_tokens:
             self._check_stop_strings(before)
         if not self.finished and p.max_tokens is not None and len(self.token_ids) >= p.max_tokens:
             self.finish_reason = "length"

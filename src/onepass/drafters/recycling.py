@@ -71,7 +71,7 @@ class Options:
     """Candidate next tokens stored per token (columns of the adjacency matrix)."""
     tree: list[list[int]] | None = None
     """Static tree template as Medusa-style paths of child ranks, e.g. [[0], [1], [0, 0]]
-    (each rank is a column of M, so < top_k); None = DEFAULT_TREE. With
+    (each rank is a column of M, so < top_k); None = DEFAULT_TREE's paths with ranks < top_k. With
     num_speculative_tokens set, at most that many nodes are proposed: the first ones in
     breadth-first order that survive pruning."""
     persist: bool = True
@@ -143,7 +143,9 @@ class PairTable:
 class RecyclingDrafter:
     def __init__(self, options: Options, vocab_size: int, max_nodes: int | None = None) -> None:
         self.options = options
-        self.template = Template(options.tree or DEFAULT_TREE)
+        # The default template, cut to the ranks top_k stores (top_k=1: a chain).
+        default = [path for path in DEFAULT_TREE if max(path) < options.top_k]
+        self.template = Template(options.tree or default)
         self.max_nodes = len(self.template) if max_nodes is None else max_nodes
         # int32: 49k tokens x 8 candidates = 1.5 MB, as in the paper.
         self.matrix = np.zeros((vocab_size, options.top_k), dtype=np.int32)  # [vocab, k]
