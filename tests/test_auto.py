@@ -64,16 +64,18 @@ def stats_with(rates: dict[tuple[int, int], float]) -> NodeStats:
 
 def test_merged_tree_shares_common_paths_and_keeps_the_best_estimate():
     merged = MergedTree()
-    merged.add(Draft.chain([5, 6, 7]), stats_with({(1, 0): 0.5, (2, 0): 0.5, (3, 0): 0.5}))
-    merged.add(Draft([5, 9, 6], Tree((-1, -1, 0))), stats_with({(1, 0): 0.8, (1, 1): 0.1}))
+    merged.add(Draft.chain([5, 6, 7]), stats_with({(1, 0): 0.5, (2, 0): 0.5, (3, 0): 0.5}), "a")
+    merged.add(Draft([5, 9, 6], Tree((-1, -1, 0))), stats_with({(1, 0): 0.8, (1, 1): 0.1}), "b")
     assert merged.tokens == [5, 6, 7, 9] and merged.parents == [-1, 0, 1, -1]
     assert merged.rates[0] == 0.8  # token 5 at depth 1: the better of 0.5 and 0.8
+    assert merged.sources == ["b", "a", "a", "b"]  # and who gave that estimate
     assert merged.probabilities() == [0.8, 0.8 * 0.5, 0.8 * 0.5 * 0.5, 0.1]
     order = [node for node, _ in merged.best_first(max_depth=8)]
     assert order == [0, 1, 2, 3]
     assert [node for node, _ in merged.best_first(max_depth=1)] == [0, 3]
     draft = merged.draft([0, 1, 3])
     assert draft.tokens == [5, 6, 9] and draft.tree.parents == (-1, 0, -1)
+    assert draft.sources == ["b", "a", "b"]
 
 
 @given(
@@ -92,7 +94,7 @@ def test_every_best_first_prefix_is_a_tree(spec):
         d, r = min(i, 8), i % 8
         stats.tried[d][r], stats.accepted[d][r] = 1.0, rate
     merged = MergedTree()
-    merged.add(Draft(tokens, Tree(parents)), stats)
+    merged.add(Draft(tokens, Tree(parents)), stats, "a")
     ranked = [node for node, _ in merged.best_first(max_depth=99)]
     assert sorted(ranked) == list(range(len(merged.tokens)))
     for n in range(len(ranked) + 1):
@@ -117,7 +119,8 @@ def state(max_depth: int = 10, context: int = 3) -> DecodeState:
 
 def chain_tree(n: int, rate: float) -> MergedTree:
     merged = MergedTree()
-    merged.add(Draft.chain(list(range(10, 10 + n))), stats_with({(d, 0): rate for d in range(9)}))
+    chain = Draft.chain(list(range(10, 10 + n)))
+    merged.add(chain, stats_with({(d, 0): rate for d in range(9)}), "a")
     return merged
 
 

@@ -59,6 +59,9 @@ class Step:
     """Draft nodes the forward scored besides the root."""
     verified: bool = True
     """False for the prefill's first token (no draft was verified)."""
+    sources: list[str | None] | None = None
+    """Per accepted token, the method that drafted it (None = the configured method); the last
+    token, the target's own, has none. None: no token was drafted."""
 
     @property
     def num_accepted(self) -> int:
@@ -112,4 +115,8 @@ def decode(
         verdict = verify(draft, logits, processor, rng, typical)
         backend.commit(torch.tensor([0, *(i + 1 for i in verdict.path)]))
         drafter.observe(draft, verdict, out)
-        step = Step(verdict.tokens, len(draft))
+        sources = None
+        if verdict.path:
+            named = draft.sources or [None] * len(draft)
+            sources = [named[i] for i in verdict.path] + [None]
+        step = Step(verdict.tokens, len(draft), sources=sources)

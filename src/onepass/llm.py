@@ -22,7 +22,7 @@ import torch
 from onepass.config import SpeculativeConfig
 from onepass.cost import CostModel, cached_cost_model
 from onepass.drafters import DraftContext, Drafter, build_drafter
-from onepass.engine import NoDrafter, decode
+from onepass.engine import NoDrafter, Step, decode
 from onepass.errors import BusyError, InputError
 from onepass.models.llama import NativeDecoder
 from onepass.models.loading import default_cache_dir, load_model
@@ -374,46 +374,47 @@ class LLM:
         drafter = self._drafter(spec)  # before the clock: may measure the cost curve, once
         start = time.perf_counter()
         steps = decode(self.backend, ids, params, processor, drafter, rng, typical)
-        sent_tokens = 0
+        sources: list[str] = []  # per emitted token: "target" or the drafter that proposed it
+        sent = 0
         for step in steps:
             if not metrics.prefill_seconds:
                 metrics.prefill_seconds = time.perf_counter() - start
             taken = assembler.add(step.tokens)
+            sources += self._sources(step, metrics.method)[:taken]
             if step.verified:  # count only the accepted tokens that were emitted
                 metrics.spec.observe(step.num_draft_tokens, min(step.num_accepted, taken - 1))
             if assembler.finished:
                 break
             if delta:
-                new_ids = assembler.token_ids[sent_tokens:]
-                sent_tokens = len(assembler.token_ids)
-                yield self._output(request_id, text, ids, assembler.delta(), new_ids, None, metrics)
+                new = slice(sent, len(sources))
+                sent = new.stop
+                out = self._output(assembler, assembler.delta(), new, sources, finished=False)
+                yield RequestOutput(request_id, text, ids, [out], False, metrics)
         else:
             assembler.finish_length()  # the context window is full
         steps.close()
         metrics.total_seconds = time.perf_counter() - start
-        if delta:
-            new_text, new_ids = assembler.delta(), assembler.token_ids[sent_tokens:]
-        else:
-            new_text, new_ids = assembler.text, assembler.token_ids
-        yield self._output(request_id, text, ids, new_text, new_ids, assembler, metrics)
+        new_text = assembler.delta() if delta else assembler.text
+        new = slice(sent if delta else 0, len(sources))
+        out = self._output(assembler, new_text, new, sources, finished=True)
+        yield RequestOutput(request_id, text, ids, [out], True, metrics)
+
+    @staticmethod
+    def _sources(step: Step, method: str) -> list[str]:
+        if step.sources is None:
+            return ["target"] * len(step.tokens)
+        return [source or method for source in step.sources[:-1]] + ["target"]
 
     @staticmethod
     def _output(
-        request_id: str,
-        prompt: str | None,
-        prompt_ids: list[int],
-        text: str,
-        token_ids: list[int],
-        finished: OutputAssembler | None,
-        metrics: RequestMetrics,
-    ) -> RequestOutput:
-        completion = CompletionOutput(
+        assembler: OutputAssembler, text: str, new: slice, sources: list[str], finished: bool
+    ) -> CompletionOutput:
+        """The emitted tokens `new` (a slice), with their text."""
+        return CompletionOutput(
             index=0,
             text=text,
-            token_ids=list(token_ids),
-            finish_reason=finished.finish_reason if finished else None,
-            stop_reason=finished.stop_reason if finished else None,
-        )
-        return RequestOutput(
-            request_id, prompt, prompt_ids, [completion], finished is not None, metrics
+            token_ids=assembler.token_ids[new],
+            finish_reason=assembler.finish_reason if finished else None,
+            stop_reason=assembler.stop_reason if finished else None,
+            token_sources=sources[new],
         )

@@ -87,6 +87,9 @@ class CompletionOutput:
     stop_reason: int | str | None = None
     """The stop string or stop token id that ended generation; None for EOS or length."""
     cumulative_logprob: float | None = None
+    token_sources: list[str] | None = None
+    """Per token, how it was produced: "target" (the target's own next token) or the name of
+    the drafter whose draft the target accepted ("ngram", "suffix", ...)."""
 
     def finished(self) -> bool:
         return self.finish_reason is not None

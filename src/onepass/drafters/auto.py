@@ -185,10 +185,12 @@ class MergedTree:
     depths: list[int] = field(default_factory=list)
     rates: list[float] = field(default_factory=list)
     """P(node accepted | parent accepted): the best estimate of any drafter proposing it."""
+    sources: list[str] = field(default_factory=list)
+    """The drafter whose estimate that is."""
     index: dict[tuple[int, int], int] = field(default_factory=dict)
     """(parent node, token) -> node."""
 
-    def add(self, draft: Draft, stats: NodeStats) -> None:
+    def add(self, draft: Draft, stats: NodeStats, source: str) -> None:
         node_of: list[int] = []
         tree = draft.tree
         for token, p, depth, slot in zip(
@@ -203,8 +205,9 @@ class MergedTree:
                 self.parents.append(parent)
                 self.depths.append(depth)
                 self.rates.append(rate)
-            else:
-                self.rates[node] = max(self.rates[node], rate)
+                self.sources.append(source)
+            elif rate > self.rates[node]:
+                self.rates[node], self.sources[node] = rate, source
             node_of.append(node)
 
     def probabilities(self) -> list[float]:
@@ -225,7 +228,8 @@ class MergedTree:
         """The sub-tree of these nodes (parent-closed, parents first) as a Draft."""
         new_index = {old: new for new, old in enumerate(nodes)}
         parents = tuple(-1 if self.parents[i] < 0 else new_index[self.parents[i]] for i in nodes)
-        return Draft([self.tokens[i] for i in nodes], Tree(parents))
+        sources = [self.sources[i] for i in nodes]
+        return Draft([self.tokens[i] for i in nodes], Tree(parents), sources=sources)
 
 
 def sub_drafter_config(method: str, max_nodes: int, context: DraftContext) -> tuple:
@@ -302,12 +306,12 @@ class AutoDrafter:
     def propose(self, state: DecodeState) -> Draft:
         self.tokens = state.tokens
         merged = MergedTree()
-        for c in self.candidates.values():
+        for method, c in self.candidates.items():
             draft = c.latest = c.drafter.propose(state)
             if len(draft):
                 run = run_state(c.run)
                 c.pending.append((len(state.tokens), draft, run))
-                merged.add(draft, c.stats(draft, run))
+                merged.add(draft, c.stats(draft, run), method)
         best = self.best_draft(merged, state)
         self.rows = 1 + len(best)
         self.step_started = time.perf_counter()

@@ -34,12 +34,17 @@ class Draft:
     classes: list[int] | None = None
     """The drafter's own category of each node's evidence (< NODE_CLASSES), which the adaptive
     drafter keys its acceptance estimates by; None = the node's rank among its siblings."""
+    sources: list[str] | None = None
+    """The method that proposed each node, where a drafter combines several (auto); None = the
+    configured method. Shown to users (which drafter produced each token), never verified."""
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.tree):
             raise ValueError("a draft needs one parent per token")
         if self.draft_probs is not None and self.draft_probs.shape[0] != len(self.tokens):
             raise ValueError("draft_probs needs one row per token")
+        if self.sources is not None and len(self.sources) != len(self.tokens):
+            raise ValueError("sources needs one method name per token")
         if self.classes is not None and (
             len(self.classes) != len(self.tokens)
             or not all(0 <= c < NODE_CLASSES for c in self.classes)
@@ -70,7 +75,10 @@ class Draft:
         )
         probs = self.draft_probs[keep] if self.draft_probs is not None else None
         classes = [self.classes[i] for i in keep] if self.classes is not None else None
-        return Draft([self.tokens[i] for i in keep], Tree(parents), probs, classes=classes)
+        sources = [self.sources[i] for i in keep] if self.sources is not None else None
+        return Draft(
+            [self.tokens[i] for i in keep], Tree(parents), probs, classes=classes, sources=sources
+        )
 
 
 @dataclass

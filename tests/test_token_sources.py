@@ -1,0 +1,35 @@
+"""Each emitted token says how it was produced: the target's own token, or accepted from which
+drafter's draft (what the server's page colours)."""
+
+from __future__ import annotations
+
+import pytest
+
+from onepass import SamplingParams
+
+PROMPT = {"prompt_token_ids": [7, 8, 9, 10] * 20}
+GREEDY = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+
+
+@pytest.mark.parametrize(
+    ("spec", "names"),
+    [
+        (None, {"target"}),
+        ({"method": "ngram"}, {"target", "ngram"}),
+        ({"method": "auto"}, {"target", "ngram", "suffix", "recycling"}),
+    ],
+)
+def test_sources_name_the_producer_of_every_token(tiny_llm, spec, names):
+    tiny_llm.generate(PROMPT, GREEDY, speculative_config=spec)  # recycling learns from it
+    learned = tiny_llm.snapshot_drafter(spec)
+    out = tiny_llm.generate(PROMPT, GREEDY, speculative_config=spec)[0]
+    completion, stats = out.outputs[0], out.metrics.spec
+    assert len(completion.token_sources) == len(completion.token_ids)
+    assert set(completion.token_sources) <= names
+    drafted = sum(source != "target" for source in completion.token_sources)
+    assert drafted == stats.num_accepted_tokens  # exactly the accepted draft tokens
+    if spec is not None:
+        assert drafted > 0
+    tiny_llm.restore_drafter(learned)  # the stream drafts from what generate drafted from
+    chunks = list(tiny_llm.stream(PROMPT, GREEDY, speculative_config=spec))
+    assert [s for c in chunks for s in c.outputs[0].token_sources] == completion.token_sources
