@@ -71,3 +71,22 @@ def test_chat_repl_keeps_the_conversation():
     assert len(prompts) == 3
     assert prompts[1] > prompts[0] + 10  # the second turn carries the first exchange
     assert prompts[2] < prompts[1]  # /reset forgot it
+
+
+@pytest.mark.parametrize(
+    ("flags", "label"),
+    [([], "auto:"), (["--method", "none"], "vanilla:"), (["--method", "ngram"], "ngram:")],
+)
+def test_generate_speculates_with_auto_unless_told_otherwise(
+    flags, label, tiny_llm, monkeypatch, capsys
+):
+    import onepass.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "load_llm", lambda args: tiny_llm)
+    assert main(["generate", "Once upon a time", "--max-tokens", "8", *flags]) == 0
+    assert capsys.readouterr().err.startswith(label)
+
+
+def test_method_none_takes_no_speculative_options(capsys):
+    assert main(["generate", "hi", "--method", "none", "-k", "4"]) == 2
+    assert "takes no speculative options" in capsys.readouterr().err

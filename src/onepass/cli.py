@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from onepass.errors import OnepassError
 
 EXIT_USAGE = 2
+DEFAULT_METHOD = "auto"  # users run onepass to be faster; auto never drafts what does not pay
 
 
 class UsageError(OnepassError):
@@ -56,7 +57,8 @@ def add_speculative_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--method",
         default=None,
-        help="drafter: ngram, lookahead, suffix, recycling or auto (default: none, plain decoding)",
+        help="drafter: auto, ngram, suffix, recycling, lookahead, or none for plain decoding "
+        f"(default: {DEFAULT_METHOD} unless --speculative-config names one)",
     )
     g.add_argument(
         "-k",
@@ -99,6 +101,13 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def speculative_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The config the flags and JSON describe; auto when they name nothing, None (plain
+    decoding) for --method none."""
+    if args.method == "none":
+        given = (args.num_speculative_tokens, args.prompt_lookup_min, args.prompt_lookup_max)
+        if args.speculative_config or any(v is not None for v in given):
+            raise UsageError("--method none (plain decoding) takes no speculative options")
+        return None
     config: dict[str, Any] = {}
     if args.speculative_config:
         try:
@@ -121,7 +130,7 @@ def speculative_config(args: argparse.Namespace) -> dict[str, Any] | None:
         config[key] = value
     if config and "method" not in config:
         raise UsageError('speculative options need --method (or "method" in the JSON)')
-    return config or None
+    return config or {"method": DEFAULT_METHOD}
 
 
 def sampling_params(args: argparse.Namespace):
