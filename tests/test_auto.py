@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from onepass.cost import CostModel
+from onepass.draft import NODE_CLASSES, DecodeState, Draft
 from onepass.drafters.auto import (
     RUN_BOUNDS,
     RUN_PRIORS,
@@ -21,7 +22,6 @@ from onepass.drafters.auto import (
     slots,
     walk,
 )
-from onepass.drafters.base import NODE_CLASSES, DecodeState, Draft
 from onepass.tree import Tree
 
 

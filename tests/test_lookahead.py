@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import tiny_pair
 
+from onepass.draft import DecodeState, Draft, Verdict
 from onepass.drafters import DraftContext, build_drafter
-from onepass.drafters.base import DecodeState, Draft
 from onepass.drafters.lookahead import (
     LookaheadDrafter,
     NgramPool,
@@ -23,7 +23,6 @@ from onepass.engine import NoDrafter, decode, forward_rows
 from onepass.models.base import ModelOutput
 from onepass.outputs import SpecDecodeStats
 from onepass.sampling import LogitsProcessor, RequestRandomness, SamplingParams
-from onepass.verify.base import Verdict
 
 # -- pool ----------------------------------------------------------------------------------
 

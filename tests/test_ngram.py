@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from onepass.draft import DecodeState
 from onepass.drafters import DraftContext
-from onepass.drafters.base import DecodeState
 from onepass.drafters.ngram import NgramDrafter, Options, build, find_match
 
 # name: (tokens, min_n, max_n, k, expected n, expected continuation)

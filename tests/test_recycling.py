@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from onepass.config import ConfigError, SpeculativeConfig
+from onepass.draft import DecodeState, Draft, Verdict
 from onepass.drafters import DraftContext, build_drafter
-from onepass.drafters.base import DecodeState, Draft
 from onepass.drafters.recycling import (
     DEFAULT_TREE,
     RANK_CLASSES,
@@ -19,7 +19,6 @@ from onepass.drafters.recycling import (
 )
 from onepass.models.base import ModelOutput
 from onepass.tree import Tree
-from onepass.verify.base import Verdict
 
 VOCAB = 12
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from onepass.draft import DecodeState, Draft
 from onepass.drafters import DraftContext
-from onepass.drafters.base import DecodeState, Draft
 from onepass.drafters.suffix import (
     CorpusIndex,
     Options,

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onepass.drafters.base import Draft
+from onepass.draft import Draft
 from onepass.tree import Tree
 
 MAX_NODES = 14

@@ -10,11 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from onepass.drafters.base import Draft
+from onepass.draft import Draft, Verdict
 from onepass.sampling import LogitsProcessor, RequestRandomness, SamplingParams
 from onepass.tree import Tree
 from onepass.verify import verify
-from onepass.verify.base import Verdict
 from onepass.verify.greedy import verify_greedy
 
 VOCAB = 16

@@ -27,11 +27,10 @@ import torch
 from scipy.stats import chisquare
 from torch import Tensor
 
-from onepass.drafters.base import Draft
+from onepass.draft import Draft, Verdict
 from onepass.sampling import LogitsProcessor, RequestRandomness, SamplingParams, warp
 from onepass.tree import Tree
 from onepass.verify import verify
-from onepass.verify.base import Verdict
 from onepass.verify.multi_draft import verify_tree
 from onepass.verify.rejection import verify_rejection
 

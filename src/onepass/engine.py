@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from onepass.drafters.base import DecodeState, Draft, Drafter
+from onepass.draft import DecodeState, Draft, Verdict
+from onepass.drafters.base import Drafter
 from onepass.models.base import Backend, ModelOutput
 from onepass.sampling import LogitsProcessor, RequestRandomness, SamplingParams
 from onepass.verify import verify
-from onepass.verify.base import Verdict
 
 
 class NoDrafter:
@@ -99,7 +99,7 @@ def decode(
         remaining = room if params.max_tokens is None else min(room, params.max_tokens - generated)
         if remaining <= 0:
             return
-        state = DecodeState(tokens, len(prompt_ids), max_draft_tokens=room, max_depth=remaining - 1)
+        state = DecodeState(tokens, len(prompt_ids), room, remaining - 1, params, rng)
         draft = drafter.propose(state).truncated(max_depth=state.max_depth, max_nodes=room)
         if len(draft) + len(draft.aux_tokens) > room:
             raise RuntimeError("a drafter proposed more rows than max_draft_tokens allows")

@@ -7,7 +7,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from onepass.drafters.base import DecodeState, Draft, Drafter
+from onepass.draft import DecodeState, Draft
+from onepass.drafters.base import Drafter
 
 __all__ = ["METHODS", "DecodeState", "Draft", "DraftContext", "Drafter", "build_drafter"]
 

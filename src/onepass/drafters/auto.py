@@ -35,11 +35,11 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from onepass.draft import NODE_CLASSES, DecodeState, Draft, Verdict
 from onepass.drafters import DraftContext, build_drafter, options_class
-from onepass.drafters.base import NODE_CLASSES, DecodeState, Draft, Drafter
+from onepass.drafters.base import Drafter
 from onepass.models.base import ModelOutput
 from onepass.tree import Tree
-from onepass.verify.base import Verdict
 
 MAX_PENDING = 64  # proposals awaiting enough emitted tokens to be scored, per drafter
 DEPTHS = 8  # nodes from this depth on share their estimates

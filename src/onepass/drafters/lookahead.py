@@ -35,11 +35,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from onepass.drafters.base import DecodeState, Draft
+from onepass.draft import DecodeState, Draft, Verdict
 from onepass.models.base import ModelOutput
 from onepass.top_tokens import row_argmax
 from onepass.tree import Tree
-from onepass.verify.base import Verdict
 
 if TYPE_CHECKING:
     from onepass.drafters import DraftContext

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onepass.drafters.base import DecodeState, Draft
+from onepass.draft import DecodeState, Draft, Verdict
 from onepass.models.base import ModelOutput
-from onepass.verify.base import Verdict
 
 
 @dataclass

@@ -38,11 +38,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from onepass.drafters.base import NODE_CLASSES, DecodeState, Draft
+from onepass.draft import NODE_CLASSES, DecodeState, Draft, Verdict
 from onepass.models.base import ModelOutput
 from onepass.top_tokens import row_top_k
 from onepass.tree import Tree
-from onepass.verify.base import Verdict
 
 if TYPE_CHECKING:
     from onepass.drafters import DraftContext

@@ -55,10 +55,9 @@ from typing import Any
 
 import numpy as np
 
-from onepass.drafters.base import DecodeState, Draft
+from onepass.draft import DecodeState, Draft, Verdict
 from onepass.models.base import ModelOutput
 from onepass.tree import Tree
-from onepass.verify.base import Verdict
 
 SEP = -1  # corpus document boundary: never matched, ends continuations
 PAD = -2  # past the end of the reversed corpus (sorts before every token)

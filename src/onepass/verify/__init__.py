@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from onepass.drafters.base import Draft
+from onepass.draft import Draft, Verdict
 from onepass.sampling import LogitsProcessor, RequestRandomness
-from onepass.verify.base import Verdict
 from onepass.verify.greedy import verify_greedy
 from onepass.verify.multi_draft import verify_tree
 from onepass.verify.rejection import verify_rejection

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from onepass.drafters.base import Draft
+from onepass.draft import Draft, Verdict
 from onepass.top_tokens import row_argmax
-from onepass.verify.base import Verdict
 
 
 def verify_greedy(draft: Draft, logits: Tensor) -> Verdict:

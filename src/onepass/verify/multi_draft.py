@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from onepass.drafters.base import Draft
+from onepass.draft import Draft, Verdict
 from onepass.sampling import RequestRandomness, sample
-from onepass.verify.base import Verdict
 from onepass.verify.rejection import residual
 
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from onepass.drafters.base import Draft
+from onepass.draft import Draft, Verdict
 from onepass.sampling import sample
-from onepass.verify.base import Verdict
 
 
 def verify_typical(
