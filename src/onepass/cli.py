@@ -345,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     from onepass.bench.cli import add_bench_parser
 
     add_bench_parser(sub, add_model_args)
+    from onepass.server.cli import add_serve_parser
+
+    add_serve_parser(sub, add_model_args)
     from onepass.cache import add_cache_parser
 
     add_cache_parser(sub)
