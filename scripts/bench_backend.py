@@ -4,7 +4,9 @@
     .venv/bin/python scripts/bench_backend.py [--model default] [--max-tokens 128] [--repeats 3]
 
 Both sides generate exactly --max-tokens tokens (EOS ignored), prefill included, interleaved
-per prompt after a warm-up, in one process. Prints a Markdown table and a JSON line.
+per prompt after a warm-up, in one process. Prints a Markdown table and a JSON line. The CPU
+kernels are those of this machine's best ISA; ONEPASS_CPU_ISA=avx2 (or avx512, neon, none)
+measures another build.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def main() -> None:
         ratios.append(o / t)
         rows.append((category, len(ids), o, t, o / t))
 
+    print(f"onepass's CPU kernels: {llm.backend.isa or 'none (TorchScript layer stack)'}\n")
     print("| prompt | prompt tokens | onepass tok/s | transformers tok/s | ratio |")
     print("|---|---:|---:|---:|---:|")
     for category, n, o, t, r in rows:
@@ -85,7 +88,8 @@ def main() -> None:
     print("\n| k | ms | t(k)/t(1) |\n|---:|---:|---:|")
     for k, s in zip(curve.sizes, curve.seconds, strict=True):
         print(f"| {k} | {s * 1000:.1f} | {s / curve.seconds[0]:.2f} |")
-    print(json.dumps({"rows": rows, "geomean": geomean, "cost_curve": curve.as_dict()}))
+    record = {"isa": llm.backend.isa, "rows": rows, "geomean": geomean}
+    print(json.dumps({**record, "cost_curve": curve.as_dict()}))
 
 
 if __name__ == "__main__":

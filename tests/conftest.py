@@ -25,14 +25,16 @@ TINY = dict(
 )
 
 
-def kernels_here() -> bool:
-    """Whether onepass's AVX-512 kernels run here (building them once if need be)."""
+def kernel_isas() -> list[str]:
+    """The ISAs whose CPU kernels run here, each built once if need be (avx512 and avx2 on an
+    AVX-512 machine): every kernel test runs for each."""
     from onepass.models import cpu_kernels
 
-    return cpu_kernels.usable(torch.device("cpu"), torch.float32)
+    return cpu_kernels.available_isas()
 
 
-needs_kernels = pytest.mark.skipif(not kernels_here(), reason="no AVX-512 or no compiler here")
+# Parametrizes a test over kernel_isas() as `isa`; skipped where there is none.
+each_isa = pytest.mark.parametrize("isa", kernel_isas())
 
 
 def tiny_config(architecture: str = "llama", **overrides) -> ModelConfig:
@@ -52,12 +54,19 @@ def hf_model(config: ModelConfig, seed: int = 0):
     return model
 
 
-def tiny_pair(architecture: str = "llama", max_len: int = 128, seed: int = 0, **overrides):
-    """(native decoder, transformers model) sharing the same random weights."""
+def tiny_pair(
+    architecture: str = "llama",
+    max_len: int = 128,
+    seed: int = 0,
+    isa: str | None = None,
+    **overrides,
+):
+    """(native decoder, transformers model) sharing the same random weights. isa: the CPU
+    kernels' (NativeDecoder's argument; the fused decoder needs head_dim 64 or 128)."""
     config = tiny_config(architecture, **overrides)
     model = hf_model(config, seed)
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return NativeDecoder(config, weights, max_len=max_len), model
+    return NativeDecoder(config, weights, max_len=max_len, isa=isa), model
 
 
 def default_reference():

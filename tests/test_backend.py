@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import (
     default_reference,
+    each_isa,
     hf_model,
-    needs_kernels,
+    kernel_isas,
     tiny_config,
     tiny_pair,
 )
 
-from onepass.models import llama
-from onepass.models.layer_stack import GEMM_MKL, GEMM_PLAIN, GEMM_SMALL
-from onepass.models.llama import NativeDecoder
+from onepass.errors import OnepassError
+from onepass.models import cpu_kernels
+from onepass.models.layer_stack import GEMM_MKL, GEMM_PLAIN
+from onepass.models.llama import Linear, NativeDecoder
 from onepass.tree import Tree
 
 ARCHS = [
@@ -46,12 +51,8 @@ def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("arch", "overrides"), ARCHS)
-@pytest.mark.parametrize(
-    "prefill_gemm", [GEMM_PLAIN, pytest.param(GEMM_SMALL, marks=needs_kernels)]
-)
-def test_prefill_and_decode_match_transformers(arch, overrides, prefill_gemm):
+def test_prefill_and_decode_match_transformers(arch, overrides):
     native, model = tiny_pair(arch, **overrides)
-    native._prefill_gemm = prefill_gemm
     ids = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(1))
     ref = reference_logits(model, ids)
     out = native.prefill(ids[:30], chunk=7, first_chunk=9)  # chunked prefill is exercised
@@ -124,34 +125,6 @@ def test_commit_then_continue_equals_never_branching():
     torch.testing.assert_close(nxt.logits, ref[-2:], atol=1e-4, rtol=1e-4)
 
 
-@needs_kernels
-@pytest.mark.parametrize(
-    ("mkl_seconds", "chosen"), [(2.0, GEMM_SMALL), (1.1, GEMM_PLAIN), (0.9, GEMM_PLAIN)]
-)
-def test_long_prefills_take_the_kernel_only_where_it_is_clearly_faster(
-    monkeypatch, mkl_seconds, chosen
-):
-    native, _ = tiny_pair("llama")
-    timings = []
-
-    def timed() -> tuple[float, float]:
-        timings.append((mkl_seconds, 1.0))
-        return timings[-1]
-
-    monkeypatch.setattr(native, "_time_prefill_gemms", timed)
-    assert native.prefill_gemm() == chosen
-    assert native.prefill_gemm() == chosen
-    assert len(timings) == 1  # timed once: a decoder never switches arithmetic
-
-
-def test_prefill_gemm_is_mkls_without_the_kernel():
-    config = tiny_config("llama")
-    weights = {k: v.detach().clone() for k, v in hf_model(config).state_dict().items()}
-    half = NativeDecoder(config, weights, max_len=32, dtype=torch.bfloat16)
-    half._time_prefill_gemms = None  # never timed: there is nothing to choose
-    assert half.prefill_gemm() == GEMM_PLAIN
-
-
 def test_forward_rejects_overflow_and_bad_commit():
     native, _ = tiny_pair("llama", max_len=16)
     native.prefill(torch.arange(10))
@@ -163,27 +136,26 @@ def test_forward_rejects_overflow_and_bad_commit():
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize(
-    ("fused_prefill_rows", "prefill_gemm"),
-    [
-        (0, GEMM_PLAIN),
-        pytest.param(0, GEMM_SMALL, marks=needs_kernels),
-        (llama.FUSED_PREFILL_ROWS, None),
-    ],
-)
-def test_default_model_matches_transformers(llm, monkeypatch, fused_prefill_rows, prefill_gemm):
-    """Prefilled by every path: the layer stack (0 rows fused) with MKL's GEMM or onepass's
-    kernel, or the fused decoder."""
-    monkeypatch.setattr(llama, "FUSED_PREFILL_ROWS", fused_prefill_rows)
+@pytest.mark.parametrize("isa", ["none", *kernel_isas()])
+def test_default_model_matches_transformers(llm, isa):
+    """The fused decoder of every ISA here (prefilled in chunks), and the layer stack ("none")."""
     native = llm.backend
-    monkeypatch.setattr(native, "_prefill_gemm", prefill_gemm)
+    if native.isa != isa:
+        loaded = llm_weights()
+        native = NativeDecoder(loaded.config, loaded.weights, max_len=256, isa=isa)
     model = default_reference()
     ids = torch.tensor(llm.chat_token_ids([{"role": "user", "content": "Name three rivers."}]))
     ref = reference_logits(model, ids)
-    out = native.prefill(ids[:-4])
+    out = native.prefill(ids[:-4], chunk=16)
     torch.testing.assert_close(out.logits[0], ref[-5], atol=2e-3, rtol=1e-4)
     step = native.forward(ids[-4:], torch.arange(len(ids) - 4, len(ids)), None)
     torch.testing.assert_close(step.logits, ref[-4:], atol=2e-3, rtol=1e-4)
+
+
+def llm_weights():
+    from onepass.models.loading import load_model
+
+    return load_model("default")
 
 
 @pytest.mark.real_model
@@ -213,65 +185,62 @@ def intel_cpu() -> bool:
 
 
 def packed_gemms(intel_only_mkl: bool = False) -> list:
-    """The packed GEMMs this machine can run; the others are parametrized as skipped.
+    """MKL's packed GEMM (where this torch has MKL) and onepass's kernel of every ISA here.
     intel_only_mkl: MKL's case runs on Intel CPUs only."""
     from onepass.models.llama import mkl_packing_available
 
-    cpu, fp32 = torch.device("cpu"), torch.float32
-    no_mkl = not mkl_packing_available(cpu, fp32)
-    return [
-        pytest.param(
-            GEMM_MKL,
-            id="mkl",
-            marks=[
-                pytest.mark.skipif(no_mkl, reason="this torch build has no MKL"),
-                pytest.mark.skipif(
-                    intel_only_mkl and not intel_cpu(),
-                    reason="MKL's packed GEMM is row-independent on its Intel code path only",
-                ),
-            ],
-        ),
-        pytest.param(
-            GEMM_SMALL,
-            id="small",
-            marks=needs_kernels,
-        ),
-    ]
+    no_mkl = not mkl_packing_available(torch.device("cpu"), torch.float32)
+    mkl = pytest.param(
+        "mkl",
+        marks=[
+            pytest.mark.skipif(no_mkl, reason="this torch build has no MKL"),
+            pytest.mark.skipif(
+                intel_only_mkl and not intel_cpu(),
+                reason="MKL's packed GEMM is row-independent on its Intel code path only",
+            ),
+        ],
+    )
+    return [mkl, *kernel_isas()]
 
 
 # onepass's kernel: any shape (off its tile sizes here). MKL: row independence depends on the
 # shape (seen to fail for 100 x 64 and 128 x 256 from 2 rows on) and on the CPU (on AMD's it
 # fails for the default model's shapes too); these are the default model's.
-SHAPES = {"small": [(300, 64), (97, 200), (40, 1000), (960, 576)], "mkl": [(960, 576), (576, 1536)]}
+SHAPES = {
+    "kernel": [(300, 64), (97, 200), (40, 1000), (960, 576)],
+    "mkl": [(960, 576), (576, 1536)],
+}
 
 
-def packed_linears(gemm: int, kind: str):
-    """(Linear, x, w, b) for each shape of SHAPES[kind], 33 rows of x."""
-    from onepass.models.llama import Linear
-
+def packed_linears(gemm: str):
+    """(Linear, x, w, b) for each shape of SHAPES, 33 rows of x; gemm: "mkl" or an ISA."""
     gen = torch.Generator().manual_seed(3)
-    for out_features, in_features in SHAPES[kind]:
+    for out_features, in_features in SHAPES["mkl" if gemm == "mkl" else "kernel"]:
         w = torch.randn(out_features, in_features, generator=gen)
         b = torch.randn(out_features, generator=gen)
-        yield Linear(w, b, gemm), torch.randn(33, in_features, generator=gen), w, b
+        if gemm == "mkl":
+            lin = Linear(w, b, GEMM_MKL)
+        else:
+            lin = Linear(w, b, GEMM_PLAIN, cpu_kernels.ops(gemm))
+        yield lin, torch.randn(33, in_features, generator=gen), w, b
 
 
 @pytest.mark.parametrize("gemm", packed_gemms())
-def test_packed_linear_is_x_times_w_transposed_plus_b(gemm, request):
-    for lin, x, w, b in packed_linears(gemm, request.node.callspec.id):
+def test_packed_linear_is_x_times_w_transposed_plus_b(gemm):
+    for lin, x, w, b in packed_linears(gemm):
         torch.testing.assert_close(lin(x), x @ w.T + b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("gemm", packed_gemms(intel_only_mkl=True))
-def test_packed_linear_rows_do_not_depend_on_batch(gemm, request):
+def test_packed_linear_rows_do_not_depend_on_batch(gemm):
     """Packed GEMM: row i of a k-row product equals the 1-row product bit for bit (the
     property that makes speculative scoring use plain decoding's arithmetic); row counts over
-    several of the kernel's row blocks."""
-    for lin, x, w, _ in packed_linears(gemm, request.node.callspec.id):
+    several of the kernel's row blocks (6 rows on AVX2, 14 on AVX-512)."""
+    for lin, x, w, _ in packed_linears(gemm):
         full = lin(x)
         for i in range(33):
             assert torch.equal(full[i], lin(x[i : i + 1])[0]), (*w.shape, i)
-        for rows in (2, 14, 15, 28):
+        for rows in (2, 6, 7, 14, 15, 28):
             assert torch.equal(full[:rows], lin(x[:rows])), rows
 
 
@@ -296,16 +265,16 @@ def test_scripted_layers_equal_eager_layers():
 FUSED = {"head_dim": 64}  # the fused decoder takes head_dim 64 or 128
 
 
-@needs_kernels
+@each_isa
 @pytest.mark.parametrize(("arch", "overrides"), [*ARCHS, ("llama", {"head_dim": 128})])
-def test_fused_decoder_matches_transformers(arch, overrides):
-    """decoder.cpp (every decoding step on AVX-512 CPUs, and the prefill of short prompts):
-    the prompt, then one token at a time, then a chain."""
-    native, model = tiny_pair(arch, **{**FUSED, **overrides})
-    assert native.fused
+def test_fused_decoder_matches_transformers(isa, arch, overrides):
+    """decoder.cpp (every forward on CPUs with a kernel ISA): the prompt in chunks, then one
+    token at a time, then a chain."""
+    native, model = tiny_pair(arch, isa=isa, **{**FUSED, **overrides})
+    assert native.isa == isa
     ids = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(5))
     ref = reference_logits(model, ids)
-    out = native.prefill(ids[:24])
+    out = native.prefill(ids[:24], chunk=10)
     torch.testing.assert_close(out.logits[0], ref[23], atol=1e-4, rtol=1e-4)
     for i in range(24, 32):
         step = native.forward(ids[i : i + 1], torch.tensor([i]), None)
@@ -315,16 +284,16 @@ def test_fused_decoder_matches_transformers(arch, overrides):
     torch.testing.assert_close(out.logits, ref[32:], atol=1e-4, rtol=1e-4)
 
 
-@needs_kernels
+@each_isa
 @pytest.mark.parametrize(
     ("arch", "overrides"),
     [("llama", {}), ("llama", {"head_dim": 128}), ("mistral", {"sliding_window": 4})],
 )
-def test_fused_tree_rows_equal_plain_decoding_bit_for_bit(arch, overrides):
+def test_fused_tree_rows_equal_plain_decoding_bit_for_bit(isa, arch, overrides):
     """The fused decoder's row independence: each row of a tree forward has exactly the logits
     plain decoding (one token per forward) gives at the end of that row's path, with a sliding
     window cutting into the cache and into the tree too."""
-    native, _ = tiny_pair(arch, **{**FUSED, **overrides})
+    native, _ = tiny_pair(arch, isa=isa, **{**FUSED, **overrides})
     prompt = torch.randint(0, 97, (20,), generator=torch.Generator().manual_seed(6))
     tree = Tree((-1, 0, 1, 2, 0, 4, -1, 6, 3, 8))  # branches of depth 2 to 6 under the root
     ids = torch.randint(0, 97, (11,), generator=torch.Generator().manual_seed(7))
@@ -340,28 +309,113 @@ def test_fused_tree_rows_equal_plain_decoding_bit_for_bit(arch, overrides):
         assert torch.equal(step.logits[0], rows[path[-1]]), path
 
 
-def test_without_the_kernel_the_layer_stack_still_compiles():
-    """ONEPASS_CPU_KERNELS=0 (or no AVX-512, or no compiler): the backend takes MKL's GEMM and
-    no fused decoder, and the layer stack still compiles with TorchScript, its kernel branch
-    naming stand-in ops."""
-    import subprocess
-    import sys
+@each_isa
+@pytest.mark.parametrize(("arch", "overrides"), [("llama", {}), ("mistral", {"sliding_window": 9})])
+def test_prefill_leaves_the_kv_cache_of_plain_decoding(isa, arch, overrides):
+    """CPU prefill has one arithmetic: two decoders (as two processes would) compute the same KV
+    cache bit for bit, whatever the chunk size, and it is the cache decoding the prompt one
+    token at a time leaves."""
+    prompt = torch.randint(0, 97, (45,), generator=torch.Generator().manual_seed(8))
+    caches, logits = [], []
+    for chunk in (None, 7, 1):
+        native, _ = tiny_pair(arch, isa=isa, **{**FUSED, **overrides})
+        logits.append(native.prefill(prompt, chunk=chunk).logits)
+        caches.append((native.cache.k[:, :, :45].clone(), native.cache.v[:, :, :45].clone()))
+    native.reset()
+    for i, token in enumerate(prompt.tolist()):
+        step = native.forward(torch.tensor([token]), torch.tensor([i]), None).logits
+        native.commit([0])
+    logits.append(step)
+    caches.append((native.cache.k[:, :, :45], native.cache.v[:, :, :45]))
+    for (k, v), out in zip(caches[1:], logits[1:], strict=True):
+        assert torch.equal(k, caches[0][0]) and torch.equal(v, caches[0][1])
+        assert torch.equal(out, logits[0])
 
+
+def test_without_the_kernels_the_layer_stack_still_compiles():
+    """ONEPASS_CPU_KERNELS=0 (or no supported ISA, or no compiler): the backend takes MKL's
+    GEMM and no fused decoder, and the layer stack compiles with TorchScript, naming no onepass
+    op."""
     code = (
-        "import torch\n"
+        "import re, torch\n"
         "from conftest import tiny_pair\n"
-        "from onepass.models.layer_stack import GEMM_SMALL\n"
-        "native, model = tiny_pair('llama')\n"
-        "assert native.gemm != GEMM_SMALL and not native.fused, native.gemm\n"
+        "from onepass.models import cpu_kernels\n"
+        "native, model = tiny_pair('llama', head_dim=64)\n"
+        "assert native.kernels is None and cpu_kernels.available_isas() == []\n"
         "assert isinstance(native.layer_stack, torch.jit.ScriptFunction)\n"
+        "assert not re.search(r'onepass\\w*::', str(native.layer_stack.graph))\n"
         "ids = torch.arange(10)\n"
         "with torch.no_grad():\n"
         "    want = model(ids[None]).logits[0, -1]\n"
         "torch.testing.assert_close(native.prefill(ids).logits[0], want, rtol=1e-4, atol=1e-4)\n"
     )
-    env = {**os.environ, "ONEPASS_CPU_KERNELS": "0"}
-    tests_dir = str(Path(__file__).parent)
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=tests_dir, capture_output=True, text=True
-    )
+    done = run_python(code, ONEPASS_CPU_KERNELS="0")
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    tests_dir = str(Path(__file__).parent)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        cwd=tests_dir,
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.fixture
+def clean_isa_choice(monkeypatch):
+    """cpu_kernels.selected_isa() decided afresh under this test's environment, and again after."""
+    monkeypatch.delenv("ONEPASS_CPU_KERNELS", raising=False)
+    monkeypatch.delenv("ONEPASS_CPU_ISA", raising=False)
+    cpu_kernels.selected_isa.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    cpu_kernels.selected_isa.cache_clear()
+
+
+@each_isa
+def test_onepass_cpu_isa_forces_a_build(clean_isa_choice, isa):
+    clean_isa_choice.setenv("ONEPASS_CPU_ISA", isa)
+    assert cpu_kernels.selected_isa() == isa
+    native, _ = tiny_pair("llama", head_dim=64)
+    assert native.isa == isa and native.kernels is cpu_kernels.ops(isa)
+
+
+def test_onepass_cpu_isa_none_and_kernels_off_disable_the_kernels(clean_isa_choice):
+    clean_isa_choice.setenv("ONEPASS_CPU_ISA", "none")
+    assert cpu_kernels.selected_isa() is None
+    clean_isa_choice.setenv("ONEPASS_CPU_ISA", "avx2")
+    clean_isa_choice.setenv("ONEPASS_CPU_KERNELS", "0")
+    cpu_kernels.selected_isa.cache_clear()
+    assert cpu_kernels.selected_isa() is None
+
+
+def test_onepass_cpu_isa_this_cpu_cannot_run_is_a_one_line_error(clean_isa_choice):
+    missing = [isa for isa in cpu_kernels.ISAS if isa not in cpu_kernels.machine_isas()]
+    for value in [*missing, "sse9"]:
+        clean_isa_choice.setenv("ONEPASS_CPU_ISA", value)
+        cpu_kernels.selected_isa.cache_clear()
+        with pytest.raises(OnepassError, match=f"ONEPASS_CPU_ISA={value}") as error:
+            cpu_kernels.selected_isa()
+        assert "\n" not in str(error.value)
+
+
+def test_neon_sources_compile():
+    """The NEON build, compile-checked with Debian's aarch64 cross compiler (`make test` installs
+    it; without it this fails rather than skips): the sources in parallel, as torch would
+    build them."""
+    from torch.utils import cpp_extension
+
+    compiler = shutil.which("aarch64-linux-gnu-g++")
+    assert compiler, "no aarch64-linux-gnu-g++: apt-get install g++-aarch64-linux-gnu"
+    includes = [f"-isystem{path}" for path in cpp_extension.include_paths()]
+    flags = ["-std=c++20", "-fsyntax-only", *cpu_kernels.compile_flags("neon"), *includes]
+    builds = [
+        subprocess.Popen([compiler, *flags, str(source)], stderr=subprocess.PIPE, text=True)
+        for source in cpu_kernels.SOURCES
+    ]
+    for source, build in zip(cpu_kernels.SOURCES, builds, strict=True):
+        errors = build.communicate()[1]
+        assert build.returncode == 0, f"{source.name}: {errors[-3000:]}"

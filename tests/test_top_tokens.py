@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import needs_kernels
+from conftest import each_isa
 
+from onepass.models import cpu_kernels
 from onepass.top_tokens import _blocked_top_k, row_argmax, row_top_k
 
 
@@ -37,30 +38,29 @@ def hard_rows(vocab: int, seed: int) -> torch.Tensor:
     return logits
 
 
-@needs_kernels
+@each_isa
 @pytest.mark.parametrize(
     ("vocab", "k"),
     [(v, k) for v in (49152, 49153, 5000, 1000, 37, 8) for k in (1, 3, 8, 64) if k <= v],
 )
-def test_native_kernel_matches_the_reference_order(vocab, k):
+def test_native_kernel_matches_the_reference_order(isa, vocab, k):
     logits = hard_rows(vocab, seed=vocab + k)
-    ours = torch.ops.onepass.row_top_k(logits, k)
+    ours = cpu_kernels.ops(isa).row_top_k(logits, k)
     assert ours.dtype == torch.int64 and ours.shape == (12, k)
     assert torch.equal(ours, reference(logits, k))
 
 
-@needs_kernels
-def test_native_kernel_reads_strided_rows_and_rejects_bad_input():
+@each_isa
+def test_native_kernel_reads_strided_rows_and_rejects_bad_input(isa):
+    row_top_k_native = cpu_kernels.ops(isa).row_top_k
     logits = hard_rows(3000, seed=1)
-    assert torch.equal(torch.ops.onepass.row_top_k(logits[::2], 5), reference(logits[::2], 5))
-    assert torch.equal(
-        torch.ops.onepass.row_top_k(logits.t().contiguous().t(), 4), reference(logits, 4)
-    )
-    assert torch.ops.onepass.row_top_k(logits[:0], 3).shape == (0, 3)
+    assert torch.equal(row_top_k_native(logits[::2], 5), reference(logits[::2], 5))
+    assert torch.equal(row_top_k_native(logits.t().contiguous().t(), 4), reference(logits, 4))
+    assert row_top_k_native(logits[:0], 3).shape == (0, 3)
     with pytest.raises(RuntimeError, match="k must be in"):
-        torch.ops.onepass.row_top_k(logits, 3001)
+        row_top_k_native(logits, 3001)
     with pytest.raises(RuntimeError, match="float32"):
-        torch.ops.onepass.row_top_k(logits.double(), 3)
+        row_top_k_native(logits.double(), 3)
 
 
 @pytest.mark.parametrize("vocab", [49152, 1000, 300, 20])  # whole blocks, a tail, few blocks

@@ -196,6 +196,8 @@ def cached_cost_model(backend: Backend, key: str, cache_dir: Path) -> CostModel:
     backend_id = f"{type(backend).__name__}-{getattr(backend, 'revision', 0)}"
     ident = f"{key}|{backend_id}|{platform.processor() or platform.machine()}|{torch.__version__}"
     ident += f"|{torch.get_num_threads()}|{getattr(backend, 'dtype', '')}"
+    # The CPU kernels' ISA: a build forced to AVX2 on an AVX-512 CPU has a curve of its own.
+    ident += f"|kernels {getattr(backend, 'isa', None)}"
     # A small KV cache clamps the long context: such a curve must not serve a larger cache.
     ident += "|contexts {} {}".format(*measured_contexts(backend))
     path = cache_dir / CURVES_FILE

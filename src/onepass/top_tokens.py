@@ -26,7 +26,7 @@ def row_top_k(logits: Tensor, k: int) -> Tensor:
     """Indices of each row's k largest logits, largest first ([n, vocab] -> [n, k] int64), as
     torch.topk up to the order of ties (the native kernel: lower index first, NaN largest)."""
     if _native(logits):
-        return torch.ops.onepass.row_top_k(logits, k)
+        return cpu_kernels.ops().row_top_k(logits, k)
     return _blocked_top_k(logits, k)
 
 

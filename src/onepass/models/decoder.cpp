@@ -1,6 +1,7 @@
-// The decoder layers of a Llama-family model for the new rows of a decoding step, in one op
-// (CPU, float32, AVX-512): RMSNorm, the four projections (small_gemm.cpp), rotary embedding,
-// the KV-cache write, grouped-query attention over the cache and among the new rows, SwiGLU.
+// The decoder layers of a Llama-family model for the new rows of a step, in one op (CPU,
+// float32, over simd.h): RMSNorm, the four projections (small_gemm.cpp), rotary embedding, the
+// KV-cache write, grouped-query attention over the cache and among the new rows, SwiGLU. It
+// runs every decoding step, and the prompt's prefill in chunks (each chunk causal).
 //
 // Why: with the GEMM kernel, a 13-row step of the default model spent a third of its time
 // outside the GEMMs: ~35 small ops a layer dispatched one at a time (some on strided views,
@@ -12,10 +13,12 @@
 // depend on the row count. Attention walks, for each row, the keys it may see in position
 // order: the committed cache, then its ancestors among the new rows. A draft token therefore
 // sees the same key sequence as plain decoding would at its position; each score is a fixed
-// dot product, the softmax's max and sum run over that sequence in its order, and the value
-// sum adds the keys one at a time.
+// dot product, the softmax's max and sum run over that sequence in its order (key c in lane
+// c mod kLanes), and the value sum adds the keys one at a time. How the keys are grouped for
+// speed (shared runs of the cache, blocks of keys and of query vectors) never changes a row's
+// arithmetic: a prompt prefilled in chunks of any size leaves the KV cache plain decoding of
+// it would have left, bit for bit.
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,100 +31,51 @@
 
 namespace {
 
-constexpr int64_t kLanes = 16;  // floats in an AVX-512 register
-
-inline __mmask16 tail_mask(int64_t count) {
-  return count >= kLanes ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
-}
-
-// e^x per lane: reduction to r in [-ln2/2, ln2/2] (x = n ln2 + r), Cephes' degree-7
-// polynomial for e^r, then scaling by 2^n. About 1 ulp; each lane depends only on its input.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.37626f)), _mm512_set1_ps(-88.37626f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  const __m512 y =
-      _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(y, n);
-}
-
-// Lane j of the result is the sum of the 16 lanes of a[j], by the same addition tree for every
-// j (lanes of different registers are moved, never added together).
-inline __m512 sum16(const __m512* a) {
-  __m512 t[8], u[4];
-  for (int i = 0; i < 8; i++) {  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
-    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
-                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  }
-  for (int i = 0; i < 4; i++) {  // per 128-bit lane: that lane's sums of 4 registers
-    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44),
-                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
-  }
-  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44),
-                                  _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
-  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44),
-                                  _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
-}
+using namespace onepass::simd;
 
 // y = x / sqrt(mean(x^2) + eps) for one row of length H (RMSNorm; its weight is folded into
 // the projection that follows).
 void rms_normalize(const float* x, float* y, int64_t H, float eps) {
-  __m512 acc = _mm512_setzero_ps();
+  Vec acc = zero();
   for (int64_t k = 0; k < H; k += kLanes) {
-    const __m512 v = _mm512_maskz_loadu_ps(tail_mask(H - k), x + k);
-    acc = _mm512_fmadd_ps(v, v, acc);
+    const Vec v = load_n(x + k, H - k);
+    acc = fmadd(v, v, acc);
   }
-  const float scale = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / H + eps);
-  for (int64_t k = 0; k < H; k += kLanes) {
-    const __mmask16 m = tail_mask(H - k);
-    _mm512_mask_storeu_ps(y + k, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k),
-                                                  _mm512_set1_ps(scale)));
-  }
+  const Vec scale = set1(1.0f / std::sqrt(reduce_add(acc) / H + eps));
+  for (int64_t k = 0; k < H; k += kLanes) store_n(y + k, mul(load_n(x + k, H - k), scale), H - k);
 }
 
-// Rotary embedding of one head (hd a multiple of 16) stored as adjacent (re, im) pairs:
-// (a, b) * (cos, sin) = (a cos - b sin, b cos + a sin). rotation: [hd / 2][2] (cos, sin).
+// Rotary embedding of one head stored as adjacent (re, im) pairs: (a, b) * (cos, sin) =
+// (a cos - b sin, b cos + a sin), each with one rounded product and one FMA. rotation:
+// [hd / 2][2] (cos, sin). Scalar: a sliver of the step's work.
 void rotate(const float* x, const float* rotation, float* y, int64_t hd) {
-  for (int64_t k = 0; k < hd; k += kLanes) {
-    const __m512 v = _mm512_loadu_ps(x + k);
-    const __m512 cs = _mm512_loadu_ps(rotation + k);
-    const __m512 swapped = _mm512_permute_ps(v, 0xB1);  // (b, a) pairs
-    const __m512 sin_term = _mm512_mul_ps(swapped, _mm512_movehdup_ps(cs));
-    _mm512_storeu_ps(y + k, _mm512_fmaddsub_ps(v, _mm512_moveldup_ps(cs), sin_term));
+  for (int64_t i = 0; i < hd; i += 2) {
+    const float a = x[i], b = x[i + 1], c = rotation[i], s = rotation[i + 1];
+    y[i] = std::fma(a, c, -(b * s));
+    y[i + 1] = std::fma(b, c, a * s);
   }
 }
 
 // act = silu(gate) * up for one row; gate_up = [gate (I) | up (I)].
 void silu_mul(const float* gate_up, float* act, int64_t I) {
-  const __m512 one = _mm512_set1_ps(1.0f);
+  const Vec one = set1(1.0f);
   for (int64_t k = 0; k < I; k += kLanes) {
-    const __mmask16 m = tail_mask(I - k);
-    const __m512 g = _mm512_maskz_loadu_ps(m, gate_up + k);
-    const __m512 u = _mm512_maskz_loadu_ps(m, gate_up + I + k);
-    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-    _mm512_mask_storeu_ps(act + k, m, _mm512_mul_ps(silu, u));
+    const Vec g = load_n(gate_up + k, I - k);
+    const Vec u = load_n(gate_up + I + k, I - k);
+    const Vec silu = div(g, add(one, exp(sub(zero(), g))));
+    store_n(act + k, mul(silu, u), I - k);
   }
 }
 
 void add_into(float* x, const float* y, int64_t count) {
   for (int64_t k = 0; k < count; k += kLanes) {
-    const __mmask16 m = tail_mask(count - k);
-    _mm512_mask_storeu_ps(
-        x + k, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + k), _mm512_maskz_loadu_ps(m, y + k)));
+    store_n(x + k, add(load_n(x + k, count - k), load_n(y + k, count - k)), count - k);
   }
 }
 
 // The cache rows one new row attends to, in position order: a run of the committed cache, then
-// some of the new rows (its ancestors in a draft tree, and itself).
+// some of the new rows (its ancestors in a draft tree, or the rows before it in a prompt chunk,
+// and itself).
 struct KeySpan {
   int64_t lo = 0, hi = 0;      // cache rows lo..hi
   std::vector<int64_t> extra;  // then these rows
@@ -141,65 +95,99 @@ struct QueryVector {
   const KeySpan* span;    // the row's keys
 };
 
-// Dot product of q (C registers) with one key: C lanes-wise products summed in order.
+// Dot product of q (C registers) with one key: C lane-wise products summed in order.
 template <int C>
-inline __m512 dot_lanes(const __m512* q, const float* key) {
-  __m512 a = _mm512_mul_ps(q[0], _mm512_loadu_ps(key));
-  for (int k = 1; k < C; k++) a = _mm512_fmadd_ps(q[k], _mm512_loadu_ps(key + k * kLanes), a);
+inline Vec dot_lanes(const Vec* q, const float* key) {
+  Vec a = mul(q[0], loadu(key));
+  for (int k = 1; k < C; k++) a = fmadd(q[k], loadu(key + k * kLanes), a);
   return a;
 }
 
-// Scores q . key * scale for 16 keys given by their rows (lane j: a fixed function of key j).
+// Scores q . key * scale for kLanes keys given by their rows (lane j: a fixed function of key j).
 template <int C>
-inline __m512 scores16(const __m512* q, const float* const* key_rows, __m512 scale) {
-  __m512 acc[kLanes];
+inline Vec score_block(const Vec* q, const float* const* key_rows, Vec scale) {
+  Vec acc[kLanes];
 #pragma GCC unroll 16
   for (int j = 0; j < kLanes; j++) acc[j] = dot_lanes<C>(q, key_rows[j]);
-  return _mm512_mul_ps(sum16(acc), scale);
+  return mul(transpose_sum(acc), scale);
 }
 
 // Asks for `count` floats from `p` into L1, a cache line at a time.
 inline void prefetch_rows(const float* p, int64_t count) {
   const char* bytes = reinterpret_cast<const char*>(p);
-  for (int64_t o = 0; o < count * 4; o += 64) _mm_prefetch(bytes + o, _MM_HINT_T0);
+  for (int64_t o = 0; o < count * 4; o += 64) prefetch_l1(bytes + o);
 }
 
 template <int C>
-inline void load_query(const float* q, __m512* qv) {
-  for (int k = 0; k < C; k++) qv[k] = _mm512_loadu_ps(q + k * kLanes);
+inline void load_query(const float* q, Vec* qv) {
+  for (int k = 0; k < C; k++) qv[k] = loadu(q + k * kLanes);
 }
 
-// acc[g] += sum over j in 0..count of p[g][j] * values[j] for G query vectors, one key at a time
-// in order (values: consecutive rows). acc lives in out[g] (unnormalized) between calls.
-template <int C, int G>
-void accumulate_values(const float* const* p, const float* values, int64_t count,
-                       float* const* out) {
-  constexpr int64_t hd = C * kLanes;
-  __m512 acc[G][C];
+// The value sums of a head of C registers are built a slice of kSlice registers at a time, for
+// up to kVectors query vectors per loaded slice of values: their accumulators, the slice and
+// the broadcast weight fit the register file. AVX-512: head_dim 64 in one slice for 6 vectors,
+// 128 for 2; AVX2: slices of 4 registers for 2 vectors; NEON: slices of 8 for 2.
+template <int C>
+struct ValueBlocks {
+  static constexpr int kSlice = std::min(C, kRegisters / 4);
+  static constexpr int kVectors = (kRegisters - 1 - kSlice) / kSlice;
+  static_assert(C % kSlice == 0);
+};
+
+// out[g][0..S) += sum over j < count of p[g][j] * values[j][0..S) (S registers) for G query
+// vectors, one key at a time in order; values: rows `stride` floats apart.
+template <int S, int G>
+void accumulate_slice(const float* const* p, const float* values, int64_t stride, int64_t count,
+                      float* const* out) {
+  Vec acc[G][S];
   for (int g = 0; g < G; g++)
-    for (int k = 0; k < C; k++) acc[g][k] = _mm512_loadu_ps(out[g] + k * kLanes);
-  for (int64_t j = 0; j < count; j++, values += hd) {
-    __m512 v[C];
-    for (int k = 0; k < C; k++) v[k] = _mm512_loadu_ps(values + k * kLanes);
+    for (int k = 0; k < S; k++) acc[g][k] = loadu(out[g] + k * kLanes);
+  for (int64_t j = 0; j < count; j++, values += stride) {
+    Vec v[S];
+    for (int k = 0; k < S; k++) v[k] = loadu(values + k * kLanes);
     for (int g = 0; g < G; g++) {
-      const __m512 weight = _mm512_set1_ps(p[g][j]);
-      for (int k = 0; k < C; k++) acc[g][k] = _mm512_fmadd_ps(weight, v[k], acc[g][k]);
+      const Vec weight = set1(p[g][j]);
+      for (int k = 0; k < S; k++) acc[g][k] = fmadd(weight, v[k], acc[g][k]);
     }
   }
   for (int g = 0; g < G; g++)
-    for (int k = 0; k < C; k++) _mm512_storeu_ps(out[g] + k * kLanes, acc[g][k]);
+    for (int k = 0; k < S; k++) storeu(out[g] + k * kLanes, acc[g][k]);
+}
+
+// out[g] += sum over j < count of p[g][j] * values[j] for G query vectors (values: consecutive
+// rows of the head's cache), slice by slice. out[g] holds the unnormalized sum between calls.
+template <int C, int G>
+void accumulate_values(const float* const* p, const float* values, int64_t count,
+                       float* const* out) {
+  constexpr int S = ValueBlocks<C>::kSlice;
+  for (int s0 = 0; s0 < C; s0 += S) {
+    float* slice_out[G];
+    for (int g = 0; g < G; g++) slice_out[g] = out[g] + s0 * kLanes;
+    accumulate_slice<S, G>(p, values + s0 * kLanes, C * kLanes, count, slice_out);
+  }
+}
+
+// The same for m query vectors, 1 <= m <= G.
+template <int C, int G = ValueBlocks<C>::kVectors>
+void accumulate_values_of(int64_t m, const float* const* p, const float* values, int64_t count,
+                          float* const* out) {
+  if constexpr (G > 1) {
+    if (m < G) return accumulate_values_of<C, G - 1>(m, p, values, count, out);
+  }
+  accumulate_values<C, G>(p, values, count, out);
 }
 
 // Softmax attention of query vectors of one kv head whose rows share the same run of the
-// cache. keys, values: this kv head's cache, [max_len][hd]. The full 16-key blocks of the run
-// are scored for all the vectors while they are in L1, the run's values are added a few vectors
-// at a time per block of keys; each vector's remaining keys (the run's last partial block, its
-// ancestors among the new rows) follow, one vector at a time, in the same order and arithmetic.
+// cache. keys, values: this kv head's cache, [max_len][hd]. The full blocks of kLanes keys of
+// the run are scored for all the vectors while they are in L1, the run's values are added a
+// few vectors at a time per block of keys; each vector's remaining keys (the run's last partial
+// block, its ancestors among the new rows) follow, one vector at a time, in the same order and
+// arithmetic.
 template <int C>
 void attend_job(const QueryVector* vectors, int64_t count, const float* keys,
                 const float* values, float scale, std::vector<float>& scratch) {
   constexpr int64_t hd = C * kLanes;
-  constexpr int kBlock = C <= 4 ? 6 : 2;  // vectors whose value sums stay in registers
+  constexpr int kGroup = ValueBlocks<C>::kVectors;
   const int64_t lo = vectors[0].span->lo, run = vectors[0].span->hi - lo;
   const int64_t full = run / kLanes * kLanes;
   int64_t stride = 0;
@@ -210,8 +198,8 @@ void attend_job(const QueryVector* vectors, int64_t count, const float* keys,
   scratch.resize(count * (stride + 1));
   float* inv_sum = scratch.data() + count * stride;
   auto probs = [&](int64_t v) { return scratch.data() + v * stride; };
-  const __m512 scale16 = _mm512_set1_ps(scale);
-  __m512 qv[C];
+  const Vec scale_v = set1(scale);
+  Vec qv[C];
 
   // Scores of the run's full blocks, all vectors per block; the block after next is fetched
   // meanwhile (the hardware prefetcher alone leaves the first vector of each block waiting).
@@ -221,11 +209,12 @@ void attend_job(const QueryVector* vectors, int64_t count, const float* keys,
     for (int j = 0; j < kLanes; j++) key_rows[j] = keys + (lo + b + j) * hd;
     for (int64_t v = 0; v < count; v++) {
       load_query<C>(vectors[v].q, qv);
-      _mm512_storeu_ps(probs(v) + b, scores16<C>(qv, key_rows, scale16));
+      storeu(probs(v) + b, score_block<C>(qv, key_rows, scale_v));
     }
   }
-  // Each vector's remaining scores, then its softmax.
-  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  // Each vector's remaining scores, then its softmax. In the last block, lanes past the span
+  // score its last key again: the maximum may read them.
+  const Vec minus_inf = set1(-std::numeric_limits<float>::infinity());
   for (int64_t v = 0; v < count; v++) {
     const KeySpan& span = *vectors[v].span;
     const int64_t L = span.size();
@@ -233,62 +222,54 @@ void attend_job(const QueryVector* vectors, int64_t count, const float* keys,
     load_query<C>(vectors[v].q, qv);
     for (int64_t b = full; b < L; b += kLanes) {
       for (int j = 0; j < kLanes; j++) key_rows[j] = keys + span.row(std::min(b + j, L - 1)) * hd;
-      _mm512_storeu_ps(s + b, scores16<C>(qv, key_rows, scale16));  // past L: ignored
+      storeu(s + b, score_block<C>(qv, key_rows, scale_v));
     }
-    __m512 top = minus_inf;
+    Vec top = minus_inf;
+    for (int64_t b = 0; b < L; b += kLanes) top = max(top, loadu(s + b));
+    const Vec max_v = set1(reduce_max(top));
+    Vec total = zero();
     for (int64_t b = 0; b < L; b += kLanes) {
-      top = _mm512_max_ps(top, _mm512_mask_loadu_ps(minus_inf, tail_mask(L - b), s + b));
+      store_n(s + b, exp(sub(loadu(s + b), max_v)), L - b);
+      total = add(total, load_n(s + b, L - b));
     }
-    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t b = 0; b < L; b += kLanes) {
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + b), max));
-      const __m512 p = _mm512_maskz_mov_ps(tail_mask(L - b), e);
-      _mm512_storeu_ps(s + b, p);
-      total = _mm512_add_ps(total, p);
-    }
-    inv_sum[v] = 1.0f / _mm512_reduce_add_ps(total);
+    inv_sum[v] = 1.0f / reduce_add(total);
     std::fill_n(vectors[v].out, hd, 0.0f);
   }
-  // Values of the run: blocks of keys that stay in L1, kBlock vectors at a time.
+  // Values of the run: blocks of keys that stay in L1, kGroup vectors at a time.
   constexpr int64_t kKeys = 64;
   for (int64_t k0 = 0; k0 < run; k0 += kKeys) {
     const int64_t keys_now = std::min(kKeys, run - k0);
     const float* vp = values + (lo + k0) * hd;
     if (k0 + kKeys < run) prefetch_rows(vp + kKeys * hd, std::min(kKeys, run - k0 - kKeys) * hd);
-    for (int64_t v0 = 0; v0 < count; v0 += kBlock) {
-      const float* p[kBlock];
-      float* o[kBlock];
-      const int64_t m = std::min<int64_t>(kBlock, count - v0);
+    for (int64_t v0 = 0; v0 < count; v0 += kGroup) {
+      const float* p[kGroup];
+      float* o[kGroup];
+      const int64_t m = std::min<int64_t>(kGroup, count - v0);
       for (int64_t g = 0; g < m; g++) p[g] = probs(v0 + g) + k0, o[g] = vectors[v0 + g].out;
-      switch (m) {
-        case 1: accumulate_values<C, 1>(p, vp, keys_now, o); break;
-        case 2: accumulate_values<C, 2>(p, vp, keys_now, o); break;
-        case 3: accumulate_values<C, 3>(p, vp, keys_now, o); break;
-        case 4: accumulate_values<C, 4>(p, vp, keys_now, o); break;
-        case 5: accumulate_values<C, 5>(p, vp, keys_now, o); break;
-        default: accumulate_values<C, kBlock>(p, vp, keys_now, o); break;
-      }
+      accumulate_values_of<C>(m, p, vp, keys_now, o);
     }
   }
-  // Then each vector's other keys, and the normalization.
+  // Then each vector's other keys, a stretch of consecutive cache rows at a time, and the
+  // normalization.
   for (int64_t v = 0; v < count; v++) {
     const KeySpan& span = *vectors[v].span;
-    const float* p = probs(v);
+    const int64_t L = span.size();
     float* o = vectors[v].out;
-    for (int64_t c = run; c < span.size(); c++) {
-      const float* pc = p + c;
-      accumulate_values<C, 1>(&pc, values + span.row(c) * hd, 1, &o);
+    for (int64_t c = run, e; c < L; c = e) {
+      for (e = c + 1; e < L && span.row(e) == span.row(e - 1) + 1;) e++;
+      const float* p = probs(v) + c;
+      accumulate_values<C, 1>(&p, values + span.row(c) * hd, e - c, &o);
     }
-    const __m512 inv = _mm512_set1_ps(inv_sum[v]);
-    for (int k = 0; k < C; k++) _mm512_storeu_ps(o + k * kLanes, _mm512_mul_ps(_mm512_loadu_ps(o + k * kLanes), inv));
+    const Vec inv = set1(inv_sum[v]);
+    for (int k = 0; k < C; k++) storeu(o + k * kLanes, mul(loadu(o + k * kLanes), inv));
   }
 }
 
-// Grouped-query attention of n rows. q, out: [n][heads][hd]; keys, values: one layer's cache,
-// [kv_heads][max_len][hd], the new rows already written. The query vectors of each kv head
-// (row-major: v = row * group + g) are split evenly between threads in kv-head order; a thread's
-// consecutive vectors of one kv head with the same cache run form a job.
+// Grouped-query attention of n rows, head_dim C * kLanes. q, out: [n][heads][hd]; keys,
+// values: one layer's cache, [kv_heads][max_len][hd], the new rows already written. The query
+// vectors of each kv head (row-major: v = row * group + g) are split evenly between threads in
+// kv-head order; a thread's consecutive vectors of one kv head with the same cache run form a
+// job.
 template <int C>
 void attend(const float* q, const float* keys, const float* values,
             const std::vector<KeySpan>& spans, const AttentionShape& s, float* out) {
@@ -426,9 +407,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, double eps, const std::vector<a
       }
     }
     if (hd == 64) {
-      attend<4>(q.data_ptr<float>(), ck, cv, spans, shape, attended.data_ptr<float>());
+      attend<64 / kLanes>(q.data_ptr<float>(), ck, cv, spans, shape, attended.data_ptr<float>());
     } else {
-      attend<8>(q.data_ptr<float>(), ck, cv, spans, shape, attended.data_ptr<float>());
+      attend<128 / kLanes>(q.data_ptr<float>(), ck, cv, spans, shape, attended.data_ptr<float>());
     }
     add_rows(project(attended, 4 * l + 1));
     normalize_rows();
@@ -443,7 +424,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, double eps, const std::vector<a
 
 }  // namespace onepass
 
-TORCH_LIBRARY_FRAGMENT(onepass, m) {
+TORCH_LIBRARY_FRAGMENT(ONEPASS_OPS, m) {
   m.def(
       "decode_layers(Tensor x, float eps, Tensor[] packed, int[] out_features, Tensor?[] biases, "
       "Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor rotation, Tensor positions, int start, "

@@ -8,9 +8,9 @@ Graph optimization stays off when calling it (models/llama.py): the profiling ex
 re-specialize for every new row count. torch.compile was measured too and rejected: minutes of
 compilation, and slower calls with the changing row counts of speculative decoding.
 
-It runs the prompt's prefill, and every step where onepass's C++ decoder (decoder.cpp, the same
-layers with fused elementwise ops and a row-independent attention) is not available: GPU, half
-precision, no AVX-512 or compiler.
+It runs where onepass's C++ decoder (decoder.cpp: the same layers with fused elementwise ops,
+onepass's GEMM and a row-independent attention) does not: GPU, half precision, head sizes other
+than 64 and 128, CPUs without a supported ISA or without a compiler, ONEPASS_CPU_KERNELS=0.
 
 The function is plain PyTorch and stays valid Python: if scripting is unavailable (a future
 PyTorch without TorchScript), it runs eagerly with identical results.
@@ -24,8 +24,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from onepass.models.cpu_kernels import ensure_ops
 
 
 def normalize(x: Tensor, eps: Tensor) -> Tensor:
@@ -47,7 +45,6 @@ def apply_rope(x: Tensor, rotation: Tensor) -> Tensor:
 # `linear` spells the values out: TorchScript cannot read module-level ints.
 GEMM_PLAIN = 0  # F.linear, no packed weights (GPU, half precision, torch without MKL)
 GEMM_MKL = 1  # MKL's packed GEMM
-GEMM_SMALL = 2  # onepass's AVX-512 kernel (small_gemm.cpp)
 MKL_PACK_ROWS = 16  # MKL packs weights for this many rows: its cost is flat up to it
 
 
@@ -60,10 +57,6 @@ def linear(
     gemm: int,
 ) -> Tensor:
     """x @ weights[j].T + biases[j], by the GEMM `gemm` names."""
-    if gemm == 2:  # GEMM_SMALL
-        y = torch.ops.onepass.small_gemm(x, packed[j], weights[j].shape[0])
-        bias = biases[j]
-        return y if bias is None else y + bias
     if gemm == 1:  # GEMM_MKL
         # The last argument must equal the row count, or MKL falls back to unpacked GEMM.
         return torch.ops.mkl._mkl_linear(x, packed[j], weights[j], biases[j], x.shape[0])
@@ -143,7 +136,6 @@ def decoder_layers(
 
 def scripted_decoder_layers() -> Callable[..., Tensor]:
     """decoder_layers compiled by TorchScript, or the eager function if that is unavailable."""
-    ensure_ops()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript announces its deprecation

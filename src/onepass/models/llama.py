@@ -5,26 +5,25 @@ tokens carry explicit positions and an arbitrary attention mask among themselves
 tree), and always see the whole committed cache. `commit(keep)` then compacts the KV rows of
 the accepted tokens into place. See design.md §3 and the Backend protocol in `models/__init__.py`.
 
-On CPU in float32 with AVX-512, a decoding step runs as one C++ op, onepass's fused decoder
-(decoder.cpp): its linear layers multiply by onepass's small-GEMM kernel (small_gemm.cpp) and
-its attention walks each row's visible keys in position order. Row i of a step is computed
-exactly as plain decoding computes it, whatever the other rows are, by construction: scoring a
-draft uses plain decoding's arithmetic per token, and a forward of 12 rows costs about 1.3
-forwards of one. Elsewhere (GPU, half precision, no compiler) the layers run as one
-TorchScript function (layer_stack.py) with MKL's packed GEMM where available, which is
-row-independent for the default model's shapes on Intel CPUs, but not for every shape and not
-on AMD CPUs (tests/test_backend.py): there a draft's scores can differ from plain decoding's in
-the last bits, so greedy output can only diverge at a near-tie (design.md §2).
-The prompt's prefill runs the fused decoder for short prompts and the TorchScript layers for
-long ones, with MKL's GEMM or onepass's kernel, whichever this CPU runs clearly faster at
-hundreds of rows; identically for every method.
+On CPU in float32 (x86 with AVX-512 or AVX2, ARM with NEON) every forward, prefill chunks
+included, runs as one C++ op, onepass's fused decoder (decoder.cpp): its linear layers multiply
+by onepass's small-GEMM kernel (small_gemm.cpp) and its attention walks each row's visible keys
+in position order. Row i of a forward is computed exactly as plain decoding computes it,
+whatever the other rows are, by construction: scoring a draft uses plain decoding's arithmetic
+per token, a forward of 12 rows costs about 1.15-1.4 forwards of one, and a prompt leaves the
+same KV cache in every process, however it is chunked. Elsewhere (GPU, half precision, no
+supported ISA or compiler) the layers run as one TorchScript function (layer_stack.py) with
+MKL's packed GEMM where available, whose rounding can depend on the row count (not for the
+default model's shapes on Intel CPUs, but on AMD's, tests/test_backend.py): there a draft's
+scores can differ from plain decoding's in the last bits, so greedy output can only diverge at
+a near-tie (design.md §2).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,23 +35,21 @@ from onepass.models.config import ModelConfig
 from onepass.models.layer_stack import (
     GEMM_MKL,
     GEMM_PLAIN,
-    GEMM_SMALL,
     MKL_PACK_ROWS,
     linear,
     normalize,
     scripted_decoder_layers,
 )
 
-# The longest prompt chunk the fused decoder prefills: beyond it the layer stack, whose flash
-# attention suits hundreds of rows, is faster (the crossover measured on the default model, 2
-# AVX-512 cores: 25 against 53 ms for 8 rows, 217 against 243 for 200, 350 against 338 for 300).
-FUSED_PREFILL_ROWS = 256
-# Rows of the GEMMs timed to choose the layer stack's prefill GEMM, and the margin by which
-# onepass's kernel must beat MKL's to be chosen: where the two are close (Intel CPUs) MKL stays,
-# so that timing noise never changes a prompt's arithmetic from one process to the next. Where
-# MKL does not take its AVX-512 path (AMD CPUs) the kernel is about 2x faster.
-PREFILL_PROBE_ROWS = 512
-PREFILL_KERNEL_MARGIN = 1.15
+# Rows of a prompt the fused decoder prefills per call, each chunk causal after the cache the
+# chunks before it wrote. The size changes no result (rows are independent), only the speed:
+# attention scores a chunk's cached keys for all its rows at once, but the keys within the chunk
+# row by row, so long chunks are slower (default model, 2 AVX-512 cores, 1000 tokens: 0.65 s in
+# chunks of 96-192 rows, 0.67 s of 256, 0.76 s of 512), and short ones stream the weights more
+# often (0.68 s in chunks of 64).
+FUSED_PREFILL_CHUNK = 128
+# Head sizes the fused decoder takes.
+FUSED_HEAD_DIMS = (64, 128)
 
 
 def mkl_packing_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -60,32 +57,39 @@ def mkl_packing_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def choose_gemm(device: torch.device, dtype: torch.dtype) -> int:
-    """The fastest GEMM for a few rows on this device and dtype (layer_stack.GEMM_*)."""
-    if cpu_kernels.usable(device, dtype):
-        return GEMM_SMALL
+    """The layer stack's GEMM for a few rows on this device and dtype (layer_stack.GEMM_*)."""
     return GEMM_MKL if mkl_packing_available(device, dtype) else GEMM_PLAIN
 
 
 def pack(weight: Tensor, gemm: int) -> Tensor:
-    """The weight in the layout the GEMM reads (an empty tensor for F.linear)."""
-    if gemm == GEMM_SMALL:
-        return torch.ops.onepass.small_gemm_pack(weight)
+    """The weight in the layout the layer stack's GEMM reads (an empty tensor for F.linear)."""
     if gemm == GEMM_MKL:
         return torch.ops.mkl._mkl_reorder_linear_weight(weight, MKL_PACK_ROWS)
     return weight.new_empty(0)
 
 
 class Linear:
-    """y = x @ weight.T + bias for 2-D x, by the given GEMM (layer_stack.GEMM_*)."""
+    """y = x @ weight.T + bias for 2-D x: by onepass's GEMM kernel where `kernels` (the
+    cpu_kernels.ops() of an ISA) is given, else by the layer stack's GEMM `gemm`."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, gemm: int) -> None:
-        self.weights = [weight]  # [out, in]
-        self.biases = [bias]
-        self.packed = [pack(weight, gemm)]
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None, gemm: int, kernels: Any | None = None
+    ) -> None:
+        self.out_features = weight.shape[0]
+        self.bias = bias
+        self.kernels = kernels
         self.gemm = gemm
+        # The kernel reads only its packed copy; the layer stack's GEMMs read both.
+        self.weights = [] if kernels is not None else [weight]  # [out, in]
+        self.packed = [
+            kernels.small_gemm_pack(weight) if kernels is not None else pack(weight, gemm)
+        ]
 
     def __call__(self, x: Tensor) -> Tensor:  # [n, in] -> [n, out]
-        return linear(x, 0, self.weights, self.packed, self.biases, self.gemm)
+        if self.kernels is not None:
+            y = self.kernels.small_gemm(x, self.packed[0], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return linear(x, 0, self.weights, self.packed, [self.bias], self.gemm)
 
 
 def rope_inv_freq(config: ModelConfig) -> Tensor:
@@ -149,7 +153,7 @@ def layer_linears(
 class NativeDecoder:
     """Implements the Backend protocol for Llama-family weights in Hugging Face naming."""
 
-    revision = 11  # bump when a change alters the cost curve: cached curves are keyed by it
+    revision = 12  # bump when a change alters the cost curve: cached curves are keyed by it
 
     def __init__(
         self,
@@ -159,30 +163,44 @@ class NativeDecoder:
         max_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        isa: str | None = None,
     ) -> None:
+        """isa: the CPU kernels' instruction set (cpu_kernels.ISAS, or "none" for the layer
+        stack); None: cpu_kernels.selected_isa(). Used on CPU in float32 only."""
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_len = max_len
+        fused = (
+            self.device.type == "cpu"
+            and dtype == torch.float32
+            and config.head_dim in FUSED_HEAD_DIMS
+            and isa != "none"
+        )
+        # The fused C++ decoder's ops (decoder.cpp) where they are available, else None.
+        self.kernels = cpu_kernels.ops(isa) if fused else None
+        self.isa = (isa or cpu_kernels.selected_isa()) if self.kernels is not None else None
         self.gemm = choose_gemm(self.device, dtype)
         w = {k: v.to(device=self.device, dtype=dtype) for k, v in weights.items()}
         self.embed = w["model.embed_tokens.weight"]  # [vocab, hidden]
         lm_head = self.embed if config.tie_word_embeddings else w["lm_head.weight"]
-        self.lm_head = Linear(lm_head, None, self.gemm)
+        self.lm_head = Linear(lm_head, None, self.gemm, self.kernels)
         self.norm = w["model.norm.weight"]
         linears = [
             pair
             for i in range(config.num_layers)
             for pair in layer_linears(w, f"model.layers.{i}", config)
         ]
-        self.weights = [weight for weight, _ in linears]
         self.biases = [bias for _, bias in linears]
-        self.packed = [pack(t, self.gemm) for t in self.weights]
+        self.out_features = [weight.shape[0] for weight, _ in linears]
+        if self.kernels is not None:  # the fused decoder reads only the packed weights
+            self.weights = []
+            self.packed = [self.kernels.small_gemm_pack(weight) for weight, _ in linears]
+        else:
+            self.weights = [weight for weight, _ in linears]
+            self.packed = [pack(t, self.gemm) for t in self.weights]
+            self.layer_stack = scripted_decoder_layers()
         self.eps = torch.full((1, 1), config.rms_norm_eps, dtype=dtype, device=self.device)
-        self.layer_stack = scripted_decoder_layers()
-        # Decoding steps run the fused C++ decoder where the kernels are loaded (decoder.cpp).
-        self.fused = self.gemm == GEMM_SMALL and config.head_dim in (64, 128)
-        self.out_features = [t.shape[0] for t in self.weights]
         positions = torch.arange(max_len, dtype=torch.float32)
         angles = torch.outer(positions, rope_inv_freq(config))  # [max_len, head_dim / 2]
         self.rotation = torch.polar(torch.ones_like(angles), angles).to(self.device)
@@ -190,7 +208,6 @@ class NativeDecoder:
             config.num_layers, config.num_kv_heads, max_len, config.head_dim, dtype, self.device
         )
         self._pending = 0  # rows written by the last forward, not yet committed
-        self._prefill_gemm: int | None = None  # prefill_gemm(), once timed
 
     # -- Backend protocol -------------------------------------------------------------------
 
@@ -202,26 +219,37 @@ class NativeDecoder:
         self.cache.length = 0
         self._pending = 0
 
+    def truncate(self, length: int) -> None:
+        """Forget the committed rows from `length` on (a draft model's rollback)."""
+        if not 0 <= length <= self.cache.length:
+            raise ValueError(f"cannot truncate a cache of {self.cache.length} rows to {length}")
+        self.cache.length = length
+        self._pending = 0
+
     @torch.inference_mode()
-    def prefill(self, ids: Tensor, chunk: int = 512, first_chunk: int = 2048) -> ModelOutput:
+    def prefill(
+        self, ids: Tensor, chunk: int | None = None, first_chunk: int = 2048
+    ) -> ModelOutput:
         """Reset the cache, then run and commit the prompt; returns the last row's output.
 
         Every method prefills alike, so the prompt's KV cache is the same whichever decodes
-        after it. A chunk of up to FUSED_PREFILL_ROWS rows runs the fused decoder, where
-        loaded; longer ones run the layer stack with prefill_gemm(). The first chunk is the
-        longest: it needs no attention mask, later ones build one of [chunk x heads per kv
-        head, tokens so far]."""
+        after it. The fused decoder runs chunks of `chunk` rows (default FUSED_PREFILL_CHUNK),
+        each causal, with the same arithmetic per row as decoding one token at a time. The layer
+        stack runs a first chunk of up to `first_chunk` rows, which needs no attention mask,
+        then chunks of `chunk` (default 512), each with a mask of [chunk x heads per kv head,
+        tokens so far]."""
         self.reset()
         n = ids.shape[0]
         if n == 0 or n > self.max_len:
             raise ValueError(f"prompt length {n} is outside 1..{self.max_len}")
+        if self.kernels is not None:
+            chunk = first_chunk = chunk or FUSED_PREFILL_CHUNK
+        chunk = chunk or 512
         out, start = None, 0
         while start < n:
             part = ids[start : start + (first_chunk if start == 0 else chunk)].to(self.device)
             positions = torch.arange(start, start + part.shape[0], device=self.device)
-            fused = self.fused and part.shape[0] <= FUSED_PREFILL_ROWS
-            gemm = self.gemm if fused else self.prefill_gemm()
-            out = self._run(part, positions, None, last_only=True, gemm=gemm)
+            out = self._run(part, positions, None, last_only=True)
             self.cache.length += part.shape[0]
             start += part.shape[0]
         self._pending = 0
@@ -237,41 +265,9 @@ class NativeDecoder:
         n = ids.shape[0]
         if self.cache.length + n > self.max_len:
             raise ValueError("KV cache is full")
-        out = self._run(
-            ids.to(self.device), positions.to(self.device), mask, last_only=False, gemm=self.gemm
-        )
+        out = self._run(ids.to(self.device), positions.to(self.device), mask, last_only=False)
         self._pending = n
         return out
-
-    def prefill_gemm(self) -> int:
-        """The GEMM for prefill chunks of hundreds of rows: MKL's plain GEMM, or onepass's
-        kernel where it is clearly faster on this CPU (timed once, on the first layer's
-        weights; see PREFILL_KERNEL_MARGIN)."""
-        if self._prefill_gemm is None:
-            self._prefill_gemm = GEMM_PLAIN
-            if self.gemm == GEMM_SMALL:
-                mkl, kernel = self._time_prefill_gemms()
-                if mkl > PREFILL_KERNEL_MARGIN * kernel:
-                    self._prefill_gemm = GEMM_SMALL
-        return self._prefill_gemm
-
-    def _time_prefill_gemms(self, reps: int = 5) -> tuple[float, float]:
-        """Best seconds of the first layer's four GEMMs on PREFILL_PROBE_ROWS rows: (plain,
-        kernel), interleaved so that a busy neighbour slows both alike."""
-        weights = self.weights[:4]
-        # Ones, not random numbers: the timing must not draw from torch's global generator.
-        inputs = [
-            torch.ones(PREFILL_PROBE_ROWS, w.shape[1], dtype=self.dtype, device=self.device)
-            for w in weights
-        ]
-        best = {GEMM_PLAIN: math.inf, GEMM_SMALL: math.inf}
-        for _ in range(reps):
-            for gemm in best:
-                start = time.perf_counter()
-                for j, x in enumerate(inputs):
-                    linear(x, j, weights, self.packed, self.biases, gemm)
-                best[gemm] = min(best[gemm], time.perf_counter() - start)
-        return best[GEMM_PLAIN], best[GEMM_SMALL]
 
     def commit(self, keep: Tensor | list[int]) -> None:
         """Keep the KV of these rows of the last forward (ascending), in order, after the cache."""
@@ -303,11 +299,11 @@ class NativeDecoder:
         additive.masked_fill_(~full, float("-inf"))
         return additive.repeat(self.config.num_heads // self.config.num_kv_heads, 1)
 
-    def _run(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool, gemm: int):
+    def _run(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool):
         cfg = self.config
         heads = [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim]
-        if self.fused and gemm == GEMM_SMALL:
-            x = torch.ops.onepass.decode_layers(
+        if self.kernels is not None:
+            x = self.kernels.decode_layers(
                 self.embed[ids],
                 cfg.rms_norm_eps,
                 self.packed,
@@ -332,7 +328,7 @@ class NativeDecoder:
                 self.weights,
                 self.packed,
                 self.biases,
-                gemm,
+                self.gemm,
                 self.cache.k,
                 self.cache.v,
                 self.cache.k_pairs,

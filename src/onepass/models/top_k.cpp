@@ -1,18 +1,16 @@
-// The k largest logits of each row, in one pass over the row, for Token Recycling (k = 8) on
-// CPUs with AVX-512.
+// The k largest logits of each row, in one pass over the row, for Token Recycling (k = 8), on
+// CPU (simd.h).
 //
 // Why: a step's logits (rows x 49k floats, 2.4 MB at 12 rows) were just written by the two
 // threads of the lm_head GEMM, each into its own half of the columns. torch's top-k reads them
 // from one thread, several times (block maxima, gathers, topk): ~0.6 ms a step at 12 rows, 2%
 // of an auto step. Here each thread reads the half it wrote, once, keeping a sorted list of its
-// k best and comparing 16 logits at a time with the k-th: ~0.1 ms.
+// k best and comparing a register of logits at a time with the k-th: ~0.1 ms.
 //
 // Order: value descending, ties by lower index first, so k = 1 is torch.argmax's first index.
 // NaN ranks above every number, as in torch.topk and numpy's argmax (rows with NaN take a slow,
 // exact path).
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,9 +19,12 @@
 #include <numeric>
 #include <vector>
 
+#include "small_gemm.h"
+
 namespace {
 
-constexpr int64_t kTile = 32;  // the GEMM's output tile: threads split the columns at tiles
+using namespace onepass::simd;
+using onepass::kTile;
 
 // A sorted list of the k best (value, index) seen so far, for columns scanned in order.
 struct Best {
@@ -52,19 +53,20 @@ bool scan(const float* x, int64_t c0, int64_t c1, Best& best) {
     if (std::isnan(x[c])) return true;
     best.offer(x[c], c);
   }
-  __mmask16 nan = 0;
-  __m512 threshold = _mm512_set1_ps(best.value[best.k - 1]);
-  for (; c < c1; c += 16) {
-    const __mmask16 lanes = c1 - c >= 16 ? 0xFFFF : (__mmask16)((1u << (c1 - c)) - 1);
-    const __m512 v = _mm512_maskz_loadu_ps(lanes, x + c);
-    nan |= _mm512_mask_cmp_ps_mask(lanes, v, v, _CMP_UNORD_Q);
-    __mmask16 above = _mm512_mask_cmp_ps_mask(lanes, v, threshold, _CMP_GT_OQ);
+  uint32_t nan = 0;
+  Vec threshold = set1(best.value[best.k - 1]);
+  for (; c < c1; c += kLanes) {
+    // Lanes past c1 load zeros: masked out of both tests.
+    const uint32_t lanes = c1 - c >= kLanes ? (1u << kLanes) - 1 : (1u << (c1 - c)) - 1;
+    const Vec v = load_n(x + c, c1 - c);
+    nan |= nan_bits(v) & lanes;
+    uint32_t above = greater_bits(v, threshold) & lanes;
     if (above == 0) continue;
     for (; above; above &= above - 1) {
       const int lane = __builtin_ctz(above);
       best.offer(x[c + lane], c + lane);
     }
-    threshold = _mm512_set1_ps(best.value[best.k - 1]);
+    threshold = set1(best.value[best.k - 1]);
   }
   return nan != 0;
 }
@@ -141,6 +143,6 @@ at::Tensor row_top_k(const at::Tensor& logits_in, int64_t k) {
 
 }  // namespace onepass
 
-TORCH_LIBRARY_FRAGMENT(onepass, m) {
+TORCH_LIBRARY_FRAGMENT(ONEPASS_OPS, m) {
   m.def("row_top_k(Tensor logits, int k) -> Tensor", onepass::row_top_k);
 }
