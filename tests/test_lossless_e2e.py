@@ -29,10 +29,15 @@ def test_greedy_identity(llm, method):
     print(f"{method}: {near_ties} near-tie divergence(s) over {len(PROMPTS)} prompts")
 
 
+SAMPLED_DRAFTS = {"draft_model"}  # drafts drawn from a distribution: rejection sampling
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_sampling_reproducible_and_equal_to_plain_sampling(llm, method):
     """Deterministic drafts are verified against the request's position-keyed samples, so a
-    seeded speculative run reproduces itself and plain sampling with that seed."""
+    seeded speculative run reproduces itself and plain sampling with that seed. Sampled drafts
+    go through rejection sampling, exact in distribution (tests/test_draft_model.py) and
+    reproducible for a seed, but not the same draws as plain sampling."""
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=48)
     messages = [{"role": "user", "content": PROMPTS["code_edit"]}]
     spec = {"method": method}
@@ -40,5 +45,6 @@ def test_sampling_reproducible_and_equal_to_plain_sampling(llm, method):
     again = llm.chat(messages, params, speculative_config=spec)[0]
     plain = llm.chat(messages, params)[0]
     assert first.outputs[0].token_ids == again.outputs[0].token_ids
-    assert first.outputs[0].token_ids == plain.outputs[0].token_ids
+    if method not in SAMPLED_DRAFTS:
+        assert first.outputs[0].token_ids == plain.outputs[0].token_ids
     assert first.metrics.spec.num_drafts > 0

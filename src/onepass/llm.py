@@ -11,6 +11,7 @@ import json
 import random
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ Message = dict[str, str]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _request_ids = itertools.count()
+MAX_DRAFTERS = 8  # speculative configs whose drafters (and what they learned) are kept
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,9 @@ class LLM:
             device=self.device,
         )
         self.eos_token_ids = self._eos_token_ids()
-        self._drafters: dict[str, Drafter] = {}
+        # Drafters by config, least recently used first: a server sees many configs, and a
+        # drafter can hold a whole draft model.
+        self._drafters: OrderedDict[str, Drafter] = OrderedDict()
         self._model_key = loaded.fingerprint  # content and config: not the path
         self._cost_model: CostModel | None = None
         self._lock = threading.Lock()
@@ -292,13 +296,18 @@ class LLM:
         if spec is None:
             return NoDrafter()
         key = self._drafter_key(spec)
-        if key not in self._drafters:
+        if key in self._drafters:
+            self._drafters.move_to_end(key)
+        else:
+            while len(self._drafters) >= MAX_DRAFTERS:
+                self._drafters.popitem(last=False)
             context = DraftContext(
                 backend=self.backend,
                 vocab_size=self.model_config.vocab_size,
                 num_speculative_tokens=spec.num_speculative_tokens,
                 tokenizer=self.tokenizer,
                 cost_model=self._measured_cost_model,  # the request holds the model
+                cache_dir=self.cache_dir,
             )
             self._drafters[key] = build_drafter(spec.method, spec.method_options, context)
         return self._drafters[key]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from onepass.draft import DecodeState, Draft
@@ -19,6 +20,7 @@ METHODS: dict[str, str] = {
     "suffix": "suffix",
     "recycling": "recycling",
     "auto": "auto",
+    "draft_model": "draft_model",
 }
 
 
@@ -35,6 +37,8 @@ class DraftContext:
     """The target's tokenizer (e.g. to tokenize a retrieval corpus)."""
     cost_model: Any = None
     """Measured forward cost of scoring k rows (see onepass.cost), when available."""
+    cache_dir: Path | None = None
+    """onepass's cache directory (e.g. for loading a draft model)."""
 
 
 def _module(method: str) -> Any:

@@ -1,0 +1,167 @@
+"""Speculative decoding with a small draft model (Leviathan et al. 2023, arXiv 2211.17192; Chen
+et al. 2023, arXiv 2302.01318; vLLM's `draft_model` method, keys `model` and
+`num_speculative_tokens`).
+
+A smaller model that shares the target's tokenizer proposes a chain autoregressively, one
+token per draft forward, from its own KV cache. Under greedy decoding it proposes its argmax;
+under sampling it draws each token from its own distribution, warped as the target's is
+(temperature, min-p, top-k, top-p) with the request's random generator, and passes that
+distribution as `draft_probs`, so that rejection sampling keeps exactly the target's
+distribution. Drafting stops early where the draft is unsure (its chosen token's probability
+below `min_confidence`, as llama.cpp's --draft-p-min), since the target would likely reject
+what follows.
+
+The draft cache always holds a prefix of the request's tokens: after the verdict it is cut
+back to the accepted tokens it has already seen, and the next proposal first feeds it the
+tokens it has not (the bonus token, and the last draft token if the whole chain was accepted).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from onepass.draft import DecodeState, Draft, Verdict
+from onepass.errors import ModelLoadError
+from onepass.models.base import ModelOutput
+from onepass.sampling import warp
+
+if TYPE_CHECKING:
+    from onepass.models.llama import NativeDecoder
+    from onepass.models.loading import LoadedModel
+
+VOCAB_SIZE_SLACK = 128  # llama.cpp's rule: vocabularies may differ by padding rows only
+CHECKED_TOKENS = 1000  # token texts compared between the two tokenizers
+
+
+@dataclass
+class Options:
+    model: str = "default"
+    """The draft model: "default", a .gguf file or a Hugging Face directory."""
+    min_confidence: float = 0.0
+    """Stop the chain after a token the draft gave less than this probability (0: never)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_confidence < 1:
+            raise ValueError(f"min_confidence must be in [0, 1), got {self.min_confidence}")
+
+
+def check_vocabularies(target: Any, draft: Any, draft_name: str) -> None:
+    """The draft must speak the target's tokens (llama.cpp's rule): vocabulary sizes within
+    VOCAB_SIZE_SLACK, the same text for the first CHECKED_TOKENS ids, the same EOS."""
+    sizes = len(target), len(draft)
+    problem = None
+    if abs(sizes[0] - sizes[1]) > VOCAB_SIZE_SLACK:
+        problem = f"{sizes[1]} tokens against the target's {sizes[0]}"
+    elif target.eos_token_id != draft.eos_token_id:
+        problem = f"EOS {draft.eos_token_id} against the target's {target.eos_token_id}"
+    else:
+        ids = list(range(min(*sizes, CHECKED_TOKENS)))
+        pairs = zip(
+            target.convert_ids_to_tokens(ids), draft.convert_ids_to_tokens(ids), strict=True
+        )
+        for i, (ours, theirs) in enumerate(pairs):
+            if ours != theirs:
+                problem = f"token {i} is {theirs!r}, the target's is {ours!r}"
+                break
+    if problem:
+        raise ModelLoadError(
+            f"the draft model {draft_name!r} does not use the target's tokenizer ({problem})"
+        )
+
+
+class DraftModelDrafter:
+    def __init__(self, options: Options, decoder: NativeDecoder, max_tokens: int) -> None:
+        self.options = options
+        self.decoder = decoder  # the draft model, with its own KV cache
+        self.max_tokens = max_tokens
+        self.written = 0  # draft cache rows holding request tokens the verdict has confirmed
+
+    def start(self, prompt_ids: Sequence[int]) -> None:
+        # All but the last prompt token: the first proposal feeds it with the first output.
+        if len(prompt_ids) > 1:
+            device = self.decoder.device
+            self.decoder.prefill(torch.tensor(list(prompt_ids[:-1]), device=device))
+        else:
+            self.decoder.truncate(0)
+        self.written = len(prompt_ids) - 1
+
+    def propose(self, state: DecodeState) -> Draft:
+        limit = min(self.max_tokens, state.max_draft_tokens, state.max_depth)
+        if limit <= 0:
+            return Draft.empty()
+        decoder = self.decoder
+        pending = state.tokens[self.written :]  # the tokens the draft cache has not seen
+        tokens: list[int] = []
+        probs: list[torch.Tensor] = []
+        while len(tokens) < limit:
+            logits = self._forward(decoder, pending)  # [vocab] after the last of them
+            token, dist, confidence = self._choose(logits, state)
+            tokens.append(token)
+            if dist is not None:
+                probs.append(dist)
+            if confidence < self.options.min_confidence:
+                break
+            pending = [token]
+        draft_probs = torch.stack(probs) if probs else None
+        return Draft.chain(tokens, draft_probs)
+
+    def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
+        # This step fed the request's new tokens, then draft tokens 0..n - 2 (the last one was
+        # never fed): keep the request's tokens and the accepted draft tokens among those.
+        fed = self.decoder.cache_len - self.written
+        drafts_fed = max(len(draft) - 1, 0)
+        self.written += fed - drafts_fed + min(len(verdict.path), drafts_fed)
+        self.decoder.truncate(self.written)
+
+    @staticmethod
+    def _forward(decoder: NativeDecoder, ids: list[int]) -> torch.Tensor:
+        start = decoder.cache_len
+        device = decoder.device
+        positions = torch.arange(start, start + len(ids), device=device)
+        out = decoder.forward(torch.tensor(ids, device=device), positions, None)
+        decoder.commit(list(range(len(ids))))
+        return out.logits[-1]
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, state: DecodeState) -> tuple[int, torch.Tensor | None, float]:
+        """(token, the distribution it was drawn from or None when greedy, its probability)."""
+        params = state.params
+        if params is None or params.greedy:
+            token = int(torch.argmax(logits))
+            confidence = float(torch.softmax(logits.float(), -1)[token])
+            return token, None, confidence
+        dist = warp(logits[None], params)[0]  # [vocab]
+        generator = state.rng.generator if state.rng is not None else None
+        token = int(torch.multinomial(dist, 1, generator=generator))
+        return token, dist, float(dist[token])
+
+
+@functools.lru_cache(maxsize=2)
+def _load(model: str, cache_dir: Path | None) -> LoadedModel:
+    """Draft models recently loaded: several speculative configs can name the same one."""
+    from onepass.models.loading import load_model
+
+    return load_model(model, cache_dir)
+
+
+def build(options: Options, context) -> DraftModelDrafter:
+    from onepass.models.llama import NativeDecoder
+
+    target = context.backend
+    loaded = _load(options.model, context.cache_dir)
+    if context.tokenizer is not None:
+        check_vocabularies(context.tokenizer, loaded.tokenizer, options.model)
+    decoder = NativeDecoder(
+        loaded.config,
+        loaded.weights,
+        max_len=target.max_len,
+        dtype=target.dtype,
+        device=target.device,
+    )
+    return DraftModelDrafter(options, decoder, context.num_speculative_tokens or 4)
