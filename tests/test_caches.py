@@ -437,3 +437,14 @@ def test_cache_clear_skips_an_entry_another_process_is_converting(full_cache, ca
         out = run_cache(["cache", "clear", "--models", "--cache-dir", str(full_cache)], capsys)
     assert f"skipped {entry}" in out and entry.exists()
     assert not entries(full_cache)[0].name.startswith("0123")  # the old one went
+
+
+def test_cache_clear_skips_kernels_while_a_build_holds_its_lock(tmp_path, capsys):
+    build = tmp_path / "kernels" / "torch-x" / "avx2"  # one directory per ISA
+    build.mkdir(parents=True)
+    (build / "lock").write_text("")  # torch's extension builder holds this while compiling
+    out = run_cache(["cache", "clear", "--kernels", "--cache-dir", str(tmp_path)], capsys)
+    assert "a kernel build is running" in out and build.exists()
+    (build / "lock").unlink()
+    run_cache(["cache", "clear", "--kernels", "--cache-dir", str(tmp_path)], capsys)
+    assert not build.exists()

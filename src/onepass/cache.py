@@ -255,7 +255,8 @@ def clear_cache(root: Path, groups: set[str], out: TextIO | None = None) -> int:
 
 def _busy(item: CacheItem) -> str | None:
     """Why an item without a lock of ours may be in use right now, if it may."""
-    if item.group == "kernels" and (item.path / "lock").exists():  # torch's build lock
+    # torch's build lock, in one of the per-ISA build directories (kernels/torch-<v>/<isa>/)
+    if item.group == "kernels" and any(item.path.glob("*/lock")):
         return "a kernel build is running (or was killed: then delete it by hand)"
     recent = time.time() - item.last_used < 600
     if item.kind == "partial conversion" and item.lock is None and recent:

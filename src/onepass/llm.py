@@ -61,15 +61,19 @@ class LLM:
         device: str | None = None,
         max_model_len: int | None = None,
         cache_dir: str | Path | None = None,
+        weights: str = "float32",
     ) -> None:
         """model: "default" (SmolLM2-135M-Instruct, embedded), a .gguf file or a local Hugging
         Face model directory. speculative_config: vLLM-style dict or JSON; None = plain
-        decoding. max_model_len: context window (prompt + output) to allocate the KV cache for."""
+        decoding. max_model_len: context window (prompt + output) to allocate the KV cache for.
+        weights: "float32" (a GGUF dequantized at load, the reference) or "stored" (its Q8_0 /
+        Q4_1 blocks kept in memory and widened by the CPU kernels: the same logits bit for bit,
+        less memory, faster steps; opt-in while it is new)."""
         if dtype not in _DTYPES:
             raise InputError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
         self.speculative_config = SpeculativeConfig.parse(speculative_config)
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        loaded = load_model(model, self.cache_dir)
+        loaded = load_model(model, self.cache_dir, weights)
         self.model_name = loaded.name
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer

@@ -154,6 +154,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         dtype=args.dtype,
         device=args.device,
         max_model_len=args.max_model_len,
+        weights=args.weights,
         progress=not args.no_progress,
     )
     results["command"] = command_line(parser, args)

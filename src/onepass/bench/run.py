@@ -392,6 +392,7 @@ def run_benchmark(
     dtype: str = "float32",
     device: str | None = None,
     max_model_len: int | None = None,
+    weights: str = "float32",
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark; return the JSON-ready results (env, model, settings, records,
@@ -400,9 +401,10 @@ def run_benchmark(
     from tqdm import tqdm
 
     from onepass.llm import LLM
+    from onepass.models import cpu_kernels
 
     questions, methods, skipped = prepare(settings)
-    llm = LLM(model, dtype=dtype, device=device, max_model_len=max_model_len)
+    llm = LLM(model, dtype=dtype, device=device, max_model_len=max_model_len, weights=weights)
     sampling = settings.sampling
     runners: list[Runner] = [OnepassRunner(llm, m, sampling) for m in methods]
     if "hf" in settings.peers:
@@ -435,6 +437,8 @@ def run_benchmark(
             **asdict(settings),
             "model": model,
             "dtype": dtype,
+            "weights": weights,
+            "cpu_kernels": cpu_kernels.selected_isa(),
             "max_model_len": llm.max_model_len,
             "methods": [r.name for r in runners],
             "skipped_methods": skipped,

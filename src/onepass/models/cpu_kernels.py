@@ -30,11 +30,12 @@ from onepass.errors import OnepassError
 from onepass.models.loading import default_cache_dir
 
 SOURCES = [
-    Path(__file__).with_name(name) for name in ("small_gemm.cpp", "decoder.cpp", "top_k.cpp")
+    Path(__file__).with_name(name)
+    for name in ("small_gemm.cpp", "stored_gemm.cpp", "decoder.cpp", "top_k.cpp")
 ]
 ISAS = ("avx512", "avx2", "neon")  # best first
 NAMES = {"avx512": "AVX-512", "avx2": "AVX2", "neon": "NEON"}
-ISA_FLAGS = {"avx512": ["-mavx512f", "-mfma"], "avx2": ["-mavx2", "-mfma"], "neon": []}
+ISA_FLAGS = {"avx512": ["-mavx512f", "-mfma"], "avx2": ["-mavx2", "-mfma", "-mf16c"], "neon": []}
 # OpenMP: at::parallel_for is inline. No floating-point contraction: the kernels' only FMAs are
 # the explicit ones (simd.h). Hidden symbols: builds for two ISAs define the same C++ names.
 COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden"]

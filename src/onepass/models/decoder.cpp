@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "small_gemm.h"
+#include "stored_gemm.h"
 
 namespace {
 
@@ -328,10 +329,13 @@ namespace onepass {
 
 // Runs every layer on rows x [n, hidden] at cache rows start..start + n, writing their K/V;
 // returns the hidden states after the last layer. Arguments as layer_stack.decoder_layers,
-// with packed weights from small_gemm_pack and the rotation as [n, head_dim / 2, 2] (cos, sin).
+// with packed weights from small_gemm_pack or stored_pack (then `scales`: the RMSNorm weight
+// the projection's columns are scaled by, or None) and the rotation as [n, head_dim / 2, 2]
+// (cos, sin).
 at::Tensor decode_layers(const at::Tensor& x_in, double eps, const std::vector<at::Tensor>& packed,
                          const std::vector<int64_t>& out_features,
-                         const c10::List<std::optional<at::Tensor>>& biases, at::Tensor& cache_k,
+                         const c10::List<std::optional<at::Tensor>>& biases,
+                         const c10::List<std::optional<at::Tensor>>& scales, at::Tensor& cache_k,
                          at::Tensor& cache_v, const at::Tensor& rotation_in,
                          const at::Tensor& positions_in, int64_t start,
                          const std::vector<int64_t>& heads, const std::optional<at::Tensor>& mask_in,
@@ -350,8 +354,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, double eps, const std::vector<a
               "caches must be contiguous float32 [layers, kv_heads, max_len, head_dim]");
   TORCH_CHECK(static_cast<int64_t>(packed.size()) == 4 * layers &&
                   out_features.size() == packed.size() &&
-                  static_cast<int64_t>(biases.size()) == 4 * layers,
-              "4 packed weights, sizes and biases per layer");
+                  static_cast<int64_t>(biases.size()) == 4 * layers &&
+                  static_cast<int64_t>(scales.size()) == 4 * layers,
+              "4 packed weights, sizes, biases and column scales per layer");
   for (int64_t l = 0; l < layers; l++) {  // widths checked before anything is written
     TORCH_CHECK(out_features[4 * l] == (nh + 2 * nkv) * hd && out_features[4 * l + 1] == H &&
                     out_features[4 * l + 2] % 2 == 0 && out_features[4 * l + 3] == H,
@@ -378,8 +383,16 @@ at::Tensor decode_layers(const at::Tensor& x_in, double eps, const std::vector<a
   const float* rot = rotation.data_ptr<float>();
   const AttentionShape shape{n, nh, nkv, max_len, static_cast<float>(1.0 / std::sqrt(hd))};
 
+  // A projection's weight: fp32 tiles (small_gemm_pack, RMSNorm weight folded in) or a GGUF
+  // format's blocks (stored_pack) with the RMSNorm weight as a column scale: the same values.
   auto project = [&](const at::Tensor& input, int64_t j) {
-    auto y = small_gemm(input, packed[j], out_features[j]);
+    at::Tensor y;
+    if (stored_format(packed[j])) {
+      y = at::empty({input.size(0), out_features[j]}, input.options());
+      stored_gemm_into(input.contiguous(), packed[j], scales.get(j), out_features[j], y);
+    } else {
+      y = small_gemm(input, packed[j], out_features[j]);
+    }
     const std::optional<at::Tensor> bias = biases.get(j);
     if (bias && bias->defined()) y.add_(*bias);
     return y;
@@ -427,7 +440,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, double eps, const std::vector<a
 TORCH_LIBRARY_FRAGMENT(ONEPASS_OPS, m) {
   m.def(
       "decode_layers(Tensor x, float eps, Tensor[] packed, int[] out_features, Tensor?[] biases, "
-      "Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor rotation, Tensor positions, int start, "
+      "Tensor?[] scales, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor rotation, Tensor positions, int start, "
       "int[] heads, Tensor? mask, int window) -> Tensor",
       onepass::decode_layers);
 }

@@ -40,6 +40,8 @@ from onepass.models.layer_stack import (
     normalize,
     scripted_decoder_layers,
 )
+from onepass.models.stored import StoredTensor, dequantized, packable
+from onepass.models.stored import pack as pack_stored
 
 # Rows of a prompt the fused decoder prefills per call, each chunk causal after the cache the
 # chunks before it wrote. The size changes no result (rows are independent), only the speed:
@@ -90,6 +92,17 @@ class Linear:
             y = self.kernels.small_gemm(x, self.packed[0], self.out_features)
             return y if self.bias is None else y + self.bias
         return linear(x, 0, self.weights, self.packed, [self.bias], self.gemm)
+
+
+class StoredLinear:
+    """y = x @ W.T for a weight kept in its GGUF format (stored_gemm.cpp): the same result as
+    Linear on its dequantization, bit for bit."""
+
+    def __init__(self, packed: Tensor, out_features: int, kernels: Any) -> None:
+        self.packed, self.out_features, self.kernels = packed, out_features, kernels
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.kernels.stored_gemm(x, self.packed, None, self.out_features)
 
 
 def rope_inv_freq(config: ModelConfig) -> Tensor:
@@ -150,6 +163,57 @@ def layer_linears(
     ]
 
 
+def stored_layer_linears(
+    w: Mapping[str, Tensor | StoredTensor],
+    prefix: str,
+    config: ModelConfig,
+    kernels: Any,
+) -> list[tuple[Tensor, Tensor | None, Tensor | None, int]]:
+    """(packed weight, bias, column scale, output features) of a layer's four projections for
+    the fused decoder, as layer_linears builds them, from weights of which some are
+    StoredTensor. A projection whose parts are all stored in one format keeps its blocks
+    (stored_pack), the RMSNorm weight before it as its column scale; any other is dequantized,
+    folded and packed as fp32 tiles."""
+
+    def get(name: str) -> Tensor | StoredTensor | None:
+        return w.get(f"{prefix}.{name}")
+
+    def rope_rows(t: Tensor | StoredTensor, heads: int | None) -> Tensor | StoredTensor:
+        if heads is None:
+            return t
+        if isinstance(t, StoredTensor):  # the same permutation, of whole rows of blocks
+            return t.permute_rows(
+                lambda r: interleave_rope_rows(torch.from_numpy(r), heads).numpy()
+            )
+        return interleave_rope_rows(t, heads)
+
+    heads = {"q": config.num_heads, "k": config.num_kv_heads, "v": None}
+    qkv = [rope_rows(get(f"self_attn.{p}_proj.weight"), heads[p]) for p in "qkv"]
+    bias = None
+    if config.attention_bias:
+        bias = torch.cat([rope_rows(get(f"self_attn.{p}_proj.bias"), heads[p]) for p in "qkv"])
+    groups = [
+        (qkv, bias, get("input_layernorm.weight")),
+        ([get("self_attn.o_proj.weight")], None, None),
+        (
+            [get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")],
+            None,
+            get("post_attention_layernorm.weight"),
+        ),
+        ([get("mlp.down_proj.weight")], None, None),
+    ]
+    out = []
+    for parts, b, scale in groups:
+        rows = sum(p.shape[0] for p in parts)
+        if packable(parts):
+            out.append((pack_stored(kernels, parts), b, scale, rows))
+        else:
+            weight = torch.cat([dequantized(p) for p in parts])
+            weight = weight if scale is None else weight * scale
+            out.append((kernels.small_gemm_pack(weight), b, None, rows))
+    return out
+
+
 class NativeDecoder:
     """Implements the Backend protocol for Llama-family weights in Hugging Face naming."""
 
@@ -166,7 +230,9 @@ class NativeDecoder:
         isa: str | None = None,
     ) -> None:
         """isa: the CPU kernels' instruction set (cpu_kernels.ISAS, or "none" for the layer
-        stack); None: cpu_kernels.selected_isa(). Used on CPU in float32 only."""
+        stack); None: cpu_kernels.selected_isa(). Used on CPU in float32 only. weights may hold
+        models.stored.StoredTensor values: the fused decoder keeps those in their blocks
+        (`self.stored`); without it they are dequantized, to the same values."""
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -181,31 +247,62 @@ class NativeDecoder:
         self.kernels = cpu_kernels.ops(isa) if fused else None
         self.isa = (isa or cpu_kernels.selected_isa()) if self.kernels is not None else None
         self.gemm = choose_gemm(self.device, dtype)
-        w = {k: v.to(device=self.device, dtype=dtype) for k, v in weights.items()}
-        self.embed = w["model.embed_tokens.weight"]  # [vocab, hidden]
-        lm_head = self.embed if config.tie_word_embeddings else w["lm_head.weight"]
-        self.lm_head = Linear(lm_head, None, self.gemm, self.kernels)
-        self.norm = w["model.norm.weight"]
-        linears = [
-            pair
-            for i in range(config.num_layers)
-            for pair in layer_linears(w, f"model.layers.{i}", config)
-        ]
-        self.biases = [bias for _, bias in linears]
-        self.out_features = [weight.shape[0] for weight, _ in linears]
-        if self.kernels is not None:  # the fused decoder reads only the packed weights
-            self.weights = []
-            self.packed = [self.kernels.small_gemm_pack(weight) for weight, _ in linears]
+        # Weights as stored (models/stored.py) where the fused decoder runs, else dequantized.
+        self.stored = self.kernels is not None and any(
+            isinstance(v, StoredTensor) for v in weights.values()
+        )
+        w = {
+            k: v if self.stored and isinstance(v, StoredTensor) else dequantized(v)
+            for k, v in weights.items()
+        }
+        w = {
+            k: v if isinstance(v, StoredTensor) else v.to(self.device, dtype) for k, v in w.items()
+        }
+        embed = w["model.embed_tokens.weight"]  # [vocab, hidden]
+        self.vocab_rows = embed.shape[0]
+        # A stored embedding is looked up by widening its rows (stored_rows): embed is None.
+        stored_embed = isinstance(embed, StoredTensor)
+        self.embed_packed = pack_stored(self.kernels, [embed]) if stored_embed else None
+        self.embed = None if stored_embed else embed
+        lm_head = embed if config.tie_word_embeddings else w["lm_head.weight"]
+        if isinstance(lm_head, StoredTensor):
+            packed = self.embed_packed if lm_head is embed else pack_stored(self.kernels, [lm_head])
+            self.lm_head = StoredLinear(packed, lm_head.shape[0], self.kernels)
         else:
-            self.weights = [weight for weight, _ in linears]
-            self.packed = [pack(t, self.gemm) for t in self.weights]
-            self.layer_stack = scripted_decoder_layers()
+            self.lm_head = Linear(lm_head, None, self.gemm, self.kernels)
+        self.norm = w["model.norm.weight"]
+        layers = [f"model.layers.{i}" for i in range(config.num_layers)]
+        if self.stored:  # the fused decoder reads only the packed weights
+            stored = [
+                t for layer in layers for t in stored_layer_linears(w, layer, config, self.kernels)
+            ]
+            self.packed, self.biases, self.scales, self.out_features = map(
+                list, zip(*stored, strict=True)
+            )
+            self.weights = []
+        else:
+            linears = [pair for layer in layers for pair in layer_linears(w, layer, config)]
+            self.biases = [bias for _, bias in linears]
+            self.scales = [None] * len(linears)  # RMSNorm weights are folded into the weights
+            self.out_features = [weight.shape[0] for weight, _ in linears]
+            if self.kernels is not None:  # the fused decoder reads only the packed weights
+                self.weights = []
+                self.packed = [self.kernels.small_gemm_pack(weight) for weight, _ in linears]
+            else:
+                self.weights = [weight for weight, _ in linears]
+                self.packed = [pack(t, self.gemm) for t in self.weights]
+                self.layer_stack = scripted_decoder_layers()
         self.eps = torch.full((1, 1), config.rms_norm_eps, dtype=dtype, device=self.device)
         positions = torch.arange(max_len, dtype=torch.float32)
         angles = torch.outer(positions, rope_inv_freq(config))  # [max_len, head_dim / 2]
         self.rotation = torch.polar(torch.ones_like(angles), angles).to(self.device)
         self.cache = KVCache(
-            config.num_layers, config.num_kv_heads, max_len, config.head_dim, dtype, self.device
+            config.num_layers,
+            config.num_kv_heads,
+            max_len,
+            config.head_dim,
+            dtype,
+            self.device,
         )
         self._pending = 0  # rows written by the last forward, not yet committed
 
@@ -304,11 +401,12 @@ class NativeDecoder:
         heads = [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim]
         if self.kernels is not None:
             x = self.kernels.decode_layers(
-                self.embed[ids],
+                self._embed(ids),
                 cfg.rms_norm_eps,
                 self.packed,
                 self.out_features,
                 self.biases,
+                self.scales,
                 self.cache.k,
                 self.cache.v,
                 torch.view_as_real(self.rotation[positions]),  # [n, head_dim / 2, 2]
@@ -338,6 +436,11 @@ class NativeDecoder:
                 self._attention_mask(positions, mask),
             )
         return self._head(x, last_only)
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        if self.embed_packed is not None:
+            return self.kernels.stored_rows(self.embed_packed, ids, self.vocab_rows)
+        return self.embed[ids]
 
     def _head(self, x: Tensor, last_only: bool) -> ModelOutput:
         if last_only:

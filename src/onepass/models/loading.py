@@ -45,7 +45,8 @@ CACHE_FORMAT = "2"
 class LoadedModel:
     name: str
     config: ModelConfig
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, Any]
+    """torch.Tensor values, or models.stored.StoredTensor for weights loaded as stored."""
     tokenizer: Any  # transformers.PreTrainedTokenizerBase
     fingerprint: str
     """A hash of the model's content (a GGUF file's bytes; an HF directory's config and weight
@@ -70,8 +71,17 @@ def default_model_path() -> Path:
     return Path(found[0])
 
 
-def load_model(spec: str, cache_dir: Path | None = None) -> LoadedModel:
-    """Load weights, config and tokenizer for "default", a .gguf path or an HF directory."""
+WEIGHTS = ("float32", "stored")
+"""How a GGUF's weights are held: dequantized to float32 (converted once into the cache), or
+"stored": Q8_0 / Q4_1 tensors left in their blocks in the memory-mapped file (models/stored.py)
+for the CPU kernels to widen in registers, to the same values."""
+
+
+def load_model(spec: str, cache_dir: Path | None = None, weights: str = "float32") -> LoadedModel:
+    """Load weights, config and tokenizer for "default", a .gguf path or an HF directory.
+    weights: one of WEIGHTS (a Hugging Face directory's weights load as they are either way)."""
+    if weights not in WEIGHTS:
+        raise ModelLoadError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     if spec == DEFAULT_MODEL:
         path, name = default_model_path(), DEFAULT_MODEL_NAME
     else:
@@ -86,7 +96,27 @@ def load_model(spec: str, cache_dir: Path | None = None) -> LoadedModel:
         return _load_hf_dir(path, name)
     if path.suffix != ".gguf":
         raise ModelLoadError(f"{path}: expected a .gguf file or a model directory")
+    if weights == "stored":
+        return _load_gguf_stored(path, name, cache_dir or default_cache_dir())
     return _load_gguf_cached(path, name, cache_dir or default_cache_dir())
+
+
+def _load_gguf_stored(path: Path, name: str, cache_root: Path) -> LoadedModel:
+    """The GGUF's weights as stored (memory-mapped, nothing written to the cache); the
+    tokenizer from the converted entry if there is one (fast), else built from the file."""
+    from onepass.models.stored import load_gguf_stored
+
+    fingerprint = file_fingerprint(path)
+    config, weights = load_gguf_stored(path)
+    entry = cache_root / MODELS_DIR / f"v{CACHE_FORMAT}-{fingerprint[:32]}"
+    tokenizer = None
+    if entry.exists():
+        note = f"onepass: waiting for another process converting {path.name} ({entry})"
+        with locked(lock_path(entry), shared=True, wait_note=note), suppress(ModelLoadError):
+            tokenizer = _load_tokenizer(entry)
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(path.parent, gguf_file=path.name)
+    return LoadedModel(name, config, weights, tokenizer, fingerprint)
 
 
 def _load_hf_dir(path: Path, name: str) -> LoadedModel:
