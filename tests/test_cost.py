@@ -87,3 +87,12 @@ def test_a_curve_measured_in_a_small_cache_is_not_reused_by_a_larger_one(tmp_pat
     second = cached_cost_model(large, "m", tmp_path)
     assert (first.long_context, second.long_context) == (267, 367)
     assert cached_cost_model(small, "m", tmp_path) == first  # each keeps its own entry
+
+
+def test_a_curve_measured_on_float32_weights_does_not_serve_stored_ones(tmp_path):
+    backend = SleepyBackend()
+    cached_cost_model(backend, "m", tmp_path)
+    calls = backend.calls
+    backend.stored = True  # the same model, its weights widened from their GGUF blocks
+    cached_cost_model(backend, "m", tmp_path)
+    assert backend.calls > calls

@@ -32,4 +32,7 @@ def test_sources_name_the_producer_of_every_token(tiny_llm, spec, names):
         assert drafted > 0
     tiny_llm.restore_drafter(learned)  # the stream drafts from what generate drafted from
     chunks = list(tiny_llm.stream(PROMPT, GREEDY, speculative_config=spec))
-    assert [s for c in chunks for s in c.outputs[0].token_sources] == completion.token_sources
+    streamed = [s for c in chunks for s in c.outputs[0].token_sources]
+    assert len(streamed) == len(completion.token_sources)
+    if spec is None or spec["method"] != "auto":  # auto's choices depend on measured times
+        assert streamed == completion.token_sources

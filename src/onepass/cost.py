@@ -198,6 +198,8 @@ def cached_cost_model(backend: Backend, key: str, cache_dir: Path) -> CostModel:
     ident += f"|{torch.get_num_threads()}|{getattr(backend, 'dtype', '')}"
     # The CPU kernels' ISA: a build forced to AVX2 on an AVX-512 CPU has a curve of its own.
     ident += f"|kernels {getattr(backend, 'isa', None)}"
+    # Weights widened from their stored blocks make extra rows far dearer than float32 ones.
+    ident += "|weights stored" if getattr(backend, "stored", False) else ""
     # A small KV cache clamps the long context: such a curve must not serve a larger cache.
     ident += "|contexts {} {}".format(*measured_contexts(backend))
     path = cache_dir / CURVES_FILE
