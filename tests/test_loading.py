@@ -66,3 +66,32 @@ def test_hf_directory_round_trip(tmp_path):
     with torch.no_grad():
         ref = model(ids[None]).logits[0, -1]
     torch.testing.assert_close(native.prefill(ids).logits[0], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_our_gguf_reader_reads_what_the_gguf_package_reads():
+    """onepass reads GGUF headers itself (gguf's reader takes seconds over a vocabulary): the
+    same tensors, bytes and metadata."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from onepass.models.gguf import read_gguf
+
+    path = loading.default_model_path()
+    ours, reference = read_gguf(path), GGUFReader(path)
+    assert [t.name for t in ours.tensors] == [t.name for t in reference.tensors]
+    for a, b in zip(ours.tensors, reference.tensors, strict=True):
+        assert a.tensor_type == b.tensor_type and a.shape == tuple(b.shape.tolist())
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data)
+    for key, field in reference.fields.items():
+        if not key.startswith("GGUF."):
+            value = ours.meta[key]
+            value = value.tolist() if isinstance(value, np.ndarray) else value
+            assert value == field.contents()
+
+
+def test_a_truncated_gguf_is_one_clear_error(tmp_path):
+    data = loading.default_model_path().read_bytes()[:100_000]
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(data)
+    with pytest.raises(ModelLoadError, match="is not a readable GGUF file"):
+        loading.load_model(str(bad), tmp_path / "cache", "stored")

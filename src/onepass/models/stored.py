@@ -21,7 +21,7 @@ import torch
 
 from onepass.errors import ModelLoadError
 from onepass.models.config import ModelConfig
-from onepass.models.gguf import hf_name, open_gguf, read_metadata, undo_rope_permutation
+from onepass.models.gguf import hf_name, open_gguf, undo_rope_permutation
 
 # GGML type ids the kernels widen (gguf.GGMLQuantizationType).
 Q4_1, Q8_0 = 3, 8
@@ -91,7 +91,7 @@ def load_gguf_stored(
     from gguf import quants
 
     reader = open_gguf(path)
-    meta = read_metadata(reader)
+    meta = reader.meta
     names = {t.name for t in reader.tensors}
     config = ModelConfig.from_gguf(meta, has_output_weight="output.weight" in names)
     weights: dict[str, torch.Tensor | StoredTensor] = {}
