@@ -321,7 +321,6 @@ class LLM:
     ) -> RequestOutput:
         params = self._params(params)
         spec = self._spec(spec_override)
-        self._check_length(ids, params)
         seed = self._seed(params)
         outputs, metrics = [], None
         for index in range(params.n):
