@@ -21,6 +21,7 @@ a near-tie (design.md §2).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -305,6 +306,21 @@ class NativeDecoder:
             self.device,
         )
         self._pending = 0  # rows written by the last forward, not yet committed
+
+    def fork(self, max_len: int | None = None) -> NativeDecoder:
+        """A decoder for another request: the same weights (shared, not copied) with its own
+        empty KV cache of max_len rows (default: this one's; at most this one's)."""
+        max_len = max_len or self.max_len
+        if not 1 <= max_len <= self.max_len:
+            raise ValueError(f"max_len must be in 1..{self.max_len}, got {max_len}")
+        other = copy.copy(self)
+        other.max_len = max_len
+        cfg = self.config
+        other.cache = KVCache(
+            cfg.num_layers, cfg.num_kv_heads, max_len, cfg.head_dim, self.dtype, self.device
+        )
+        other._pending = 0
+        return other
 
     # -- Backend protocol -------------------------------------------------------------------
 
