@@ -204,7 +204,7 @@ def test_bad_chat_messages_are_one_clear_error(tiny_llm, messages):
 
 def test_a_bad_prompt_in_a_batch_fails_before_any_runs(tiny_llm, monkeypatch):
     ran = []
-    monkeypatch.setattr(tiny_llm, "_run_to_end", lambda *a: ran.append(a))
+    monkeypatch.setattr(tiny_llm, "_run_all", lambda *a: ran.append(a))
     with pytest.raises(InputError):
         tiny_llm.generate(["fine", ""], GREEDY)
     assert not ran

@@ -86,8 +86,8 @@ def live_server(llm: Any, **options: Any) -> Iterator[LiveServer]:
 
 
 class SteppedLLM:
-    """The tiny LLM with a hook before every step of a stream (to slow it down, hold it or
-    break it); counts the steps taken and the streams closed."""
+    """The tiny LLM with a hook before every step (to slow it down, hold it or break it);
+    counts the steps taken and the requests closed before they finished."""
 
     def __init__(self, llm: Any, before_step: Callable[[], None]) -> None:
         self._llm = llm
@@ -98,19 +98,21 @@ class SteppedLLM:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._llm, name)
 
-    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        inner = self._llm.stream(*args, **kwargs)
-        try:
-            while True:
-                self.before_step()
-                out = next(inner, None)
-                if out is None:
-                    return
-                self.steps += 1
-                yield out
-        finally:
-            inner.close()
-            self.closed += 1
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        request = self._llm.request(*args, **kwargs)
+        close = request.close
+
+        def counted_close() -> None:
+            self.closed += not request.finished
+            close()
+
+        request.close = counted_close
+        return request
+
+    def step(self, requests: Any) -> Any:
+        self.before_step()
+        self.steps += 1
+        return self._llm.step(requests)
 
 
 def sse_events(lines: Iterator[str]) -> Iterator[Any]:
@@ -450,7 +452,7 @@ def test_timeout(tiny_llm):
 def test_full_queue_is_429_then_both_queued_requests_finish(tiny_llm):
     gate = threading.Event()
     held = SteppedLLM(tiny_llm, lambda: gate.wait(20))
-    with live_server(held, max_queue=1) as s:
+    with live_server(held, max_queue=1, max_batch=1) as s:
         streams = []
         with s.http.stream("POST", CHAT, json=with_(stream=True)) as a:
             s.wait_for(lambda: s.scheduler.counts() == (0, 1))  # a holds the model
@@ -473,7 +475,7 @@ def test_full_queue_is_429_then_both_queued_requests_finish(tiny_llm):
 def test_shutdown_answers_503(tiny_llm):
     gate = threading.Event()
     held = SteppedLLM(tiny_llm, lambda: gate.wait(0.05))  # slow, until the scheduler stops
-    with live_server(held) as s:
+    with live_server(held, max_batch=1) as s:
         with s.http.stream(
             "POST", CHAT, json=with_(max_tokens=200, ignore_eos=True, stream=True)
         ) as a:

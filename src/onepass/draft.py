@@ -96,6 +96,20 @@ class DecodeState:
     """The request's sampling parameters: a drafter that samples warps as the target does."""
     rng: RequestRandomness | None = None
     """The request's randomness (seeded): a drafter that samples draws from it reproducibly."""
+    batch: BatchShare | None = None
+    """The other requests' share of the forward, when several requests share it (continuous
+    batching); None: this request runs alone."""
+
+
+@dataclass(frozen=True)
+class BatchShare:
+    """What the other requests put into a shared forward: a drafter that prices its rows
+    (auto) weighs the forward's tokens per second, all requests' together."""
+
+    rows: int
+    """Their rows (roots, drafts planned so far, prompt chunks)."""
+    tokens: float
+    """The tokens they are expected to emit."""
 
 
 @dataclass(frozen=True)

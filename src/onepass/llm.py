@@ -6,12 +6,10 @@ text, and applies stop conditions."""
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import random
 import threading
-import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,21 +20,25 @@ import torch
 
 from onepass.config import SpeculativeConfig
 from onepass.cost import CostModel, cached_cost_model
+from onepass.draft import BatchShare
 from onepass.drafters import DraftContext, Drafter, build_drafter
-from onepass.engine import NoDrafter, Step, decode
+from onepass.engine import NoDrafter
 from onepass.errors import BusyError, InputError
+from onepass.models.base import Rows
 from onepass.models.llama import NativeDecoder
 from onepass.models.loading import default_cache_dir, load_model
-from onepass.outputs import CompletionOutput, RequestMetrics, RequestOutput, SpecDecodeStats
-from onepass.sampling import LogitsProcessor, RequestRandomness, SamplingParams
-from onepass.text import OutputAssembler
+from onepass.outputs import RequestOutput
+from onepass.request import Request
+from onepass.sampling import RequestRandomness, SamplingParams
 
 Prompt = str | dict[str, Any]  # a string, or {"prompt_token_ids": [...]} as in vLLM
 Message = dict[str, str]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_request_ids = itertools.count()
 MAX_DRAFTERS = 8  # speculative configs whose drafters (and what they learned) are kept
+FORK_SPARE_ROWS = 64  # a step's draft rows past max_tokens, in a request's own KV cache
+PREFILL_ROWS_PER_STEP = 256  # prompt rows a shared forward takes besides the decoding rows
+MAX_BATCH = 16  # completions generate() and chat() run side by side
 
 
 @dataclass(frozen=True)
@@ -110,12 +112,11 @@ class LLM:
         if not prompt_list:
             raise InputError("no prompt given")
         encoded = [self._encode(p) for p in prompt_list]  # every prompt checked before any runs
-        return [
-            self._run_to_end(
-                ids, p if isinstance(p, str) else None, sampling_params, speculative_config
-            )
+        prompts = [
+            (ids, p if isinstance(p, str) else None)
             for ids, p in zip(encoded, prompt_list, strict=True)
         ]
+        return self._run_all(prompts, sampling_params, speculative_config)
 
     def chat(
         self,
@@ -131,7 +132,7 @@ class LLM:
         if not isinstance(conversations, (list, tuple)) or not conversations:
             raise InputError("messages must be a non-empty list of {role, content} messages")
         encoded = [self.chat_token_ids(c) for c in conversations]
-        return [self._run_to_end(ids, None, sampling_params, speculative_config) for ids in encoded]
+        return self._run_all([(ids, None) for ids in encoded], sampling_params, speculative_config)
 
     def stream(
         self,
@@ -151,6 +152,70 @@ class LLM:
         if params.n != 1:
             raise ValueError("stream() produces one completion: use n=1")
         yield from self._stream(ids, text, params, self._spec(speculative_config))
+
+    def request(
+        self,
+        prompt: Prompt | Sequence[Message],
+        sampling_params: SamplingParams | None = None,
+        *,
+        speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None,
+    ) -> Request:
+        """A request to advance with step(), side by side with others (continuous batching):
+        it has its own KV cache (a fork of the model's, sized for its prompt and max_tokens)
+        and its own drafter state, so its output is exactly what stream() would produce for it
+        alone. Its outputs are deltas, as stream()'s."""
+        if isinstance(prompt, (str, dict)):
+            ids, text = self._encode(prompt), prompt if isinstance(prompt, str) else None
+        else:
+            ids, text = self.chat_token_ids(prompt), None
+        params = self._params(sampling_params)
+        if params.n != 1:
+            raise InputError("a request produces one completion: use n=1")
+        self._check_length(ids, params)
+        spec = self._spec(speculative_config)
+        with self._exclusive():  # building a drafter may measure the cost curve
+            drafter = self._request_drafter(spec)
+        backend = self.backend.fork(self._request_len(ids, params))
+        return self._new_request(backend, ids, text, params, spec, drafter, None, delta=True)
+
+    def step(self, requests: Sequence[Request]) -> list[RequestOutput | None]:
+        """One forward shared by every unfinished request: each gets its next rows scored (a
+        prompt chunk, or its root and draft), verified and committed. Returns each request's
+        output of the step (None: nothing to show yet, or it had finished). With several
+        requests, auto prices its draft rows against the whole forward's tokens per second, so
+        drafts shrink as the batch grows."""
+        live = [r for r in requests if not r.finished]
+        if not live:
+            return [None] * len(requests)
+        with self._exclusive():
+            plan = self._plan(live)
+            outs = self.backend.run_batch([(r.backend, rows) for r, rows in plan])
+            results = {id(r): r.advance(out) for (r, _), out in zip(plan, outs, strict=True)}
+        return [results.get(id(r)) for r in requests]
+
+    def _plan(self, live: list[Request]) -> list[tuple[Request, Rows]]:
+        """The rows of each request in the next shared forward: prompt chunks (up to
+        PREFILL_ROWS_PER_STEP rows a step; the first one always), then every decoding request's
+        root and draft, each drafted knowing the rest of the forward (BatchShare)."""
+        plan: list[tuple[Request, Rows]] = []
+        prefill_rows = 0
+        for r in (r for r in live if r.prefilling):
+            if plan and prefill_rows >= PREFILL_ROWS_PER_STEP:
+                break
+            rows = r.next_rows()
+            plan.append((r, rows))
+            prefill_rows += rows.ids.shape[0]
+        decoding = [r for r in live if not r.prefilling]
+        share_rows, share_tokens = prefill_rows + len(decoding), float(len(decoding))
+        alone = len(plan) + len(decoding) == 1
+        for r in decoding:  # the others' roots are counted; their drafts as they are made
+            share = None if alone else BatchShare(share_rows - 1, share_tokens - 1)
+            rows = r.next_rows(share)
+            drafted = rows.ids.shape[0] - 1
+            share_rows += drafted
+            share_tokens += min(float(drafted), r.decoding.accepted_per_step)
+            plan.append((r, rows))
+        return plan
 
     def cost_model(self) -> CostModel:
         """The backend's measured cost curve t(k) (cached per model and machine)."""
@@ -316,25 +381,75 @@ class LLM:
             self._drafters[key] = build_drafter(spec.method, spec.method_options, context)
         return self._drafters[key]
 
-    def _run_to_end(
-        self, ids: list[int], text: str | None, params: SamplingParams | None, spec_override: Any
-    ) -> RequestOutput:
+    def _request_drafter(self, spec: SpeculativeConfig | None) -> Drafter:
+        """A drafter of its own for a request that runs beside others."""
+        root = self._drafter(spec)
+        fork = getattr(root, "fork", None)
+        return fork() if fork is not None else self._copy(root)
+
+    def _run_all(
+        self,
+        prompts: Sequence[tuple[list[int], str | None]],
+        params: SamplingParams | None,
+        spec_override: Any,
+    ) -> list[RequestOutput]:
+        """Complete every prompt, n choices each. One completion runs alone on the model's own
+        KV cache; several run side by side (up to MAX_BATCH at a time), each forward shared."""
         params = self._params(params)
         spec = self._spec(spec_override)
-        seed = self._seed(params)
-        outputs, metrics = [], None
-        for index in range(params.n):
-            rng = RequestRandomness(hash((seed, index)) & (2**63 - 1) if index else seed)
-            *_, final = self._stream(ids, text, params, spec, rng, delta=False)
-            completion = final.outputs[0]
-            completion.index = index
-            outputs.append(completion)
-            if metrics is None:
-                metrics = final.metrics
-            else:
-                metrics.spec.merge(final.metrics.spec)
-                metrics.total_seconds += final.metrics.total_seconds
-        return RequestOutput(final.request_id, text, ids, outputs, True, metrics)
+        for ids, _ in prompts:
+            self._check_length(ids, params)
+        seeds = [self._seed(params) for _ in prompts]
+        choices = [(p, index) for p in range(len(prompts)) for index in range(params.n)]
+
+        def rng(p: int, index: int) -> RequestRandomness:
+            seed = seeds[p]
+            return RequestRandomness(hash((seed, index)) & (2**63 - 1) if index else seed)
+
+        finals: dict[tuple[int, int], RequestOutput] = {}
+        if len(choices) == 1:
+            ids, text = prompts[0]
+            *_, finals[(0, 0)] = self._stream(ids, text, params, spec, rng(0, 0), delta=False)
+        else:
+            waiting = deque(choices)
+            running: list[tuple[tuple[int, int], Request]] = []
+            while waiting or running:
+                while waiting and len(running) < MAX_BATCH:
+                    p, index = key = waiting.popleft()
+                    ids, text = prompts[p]
+                    with self._exclusive():  # building a drafter may measure the cost curve
+                        drafter = self._request_drafter(spec)
+                    backend = self.backend.fork(self._request_len(ids, params))
+                    request = self._new_request(
+                        backend, ids, text, params, spec, drafter, rng(p, index), delta=False
+                    )
+                    running.append((key, request))
+                outs = self.step([request for _, request in running])
+                for (key, request), out in zip(running, outs, strict=True):
+                    if request.finished:
+                        finals[key] = out
+                running = [(key, r) for key, r in running if not r.finished]
+        results = []
+        for p, (ids, text) in enumerate(prompts):
+            outputs, metrics = [], None
+            for index in range(params.n):
+                final = finals[(p, index)]
+                completion = final.outputs[0]
+                completion.index = index
+                outputs.append(completion)
+                if metrics is None:
+                    metrics = final.metrics
+                else:
+                    metrics.spec.merge(final.metrics.spec)
+                    metrics.total_seconds += final.metrics.total_seconds
+            results.append(RequestOutput(final.request_id, text, ids, outputs, True, metrics))
+        return results
+
+    def _request_len(self, ids: list[int], params: SamplingParams) -> int:
+        """KV cache rows for a request run beside others: its prompt, its max_tokens and a
+        step's draft rows past them."""
+        needed = len(ids) + (params.max_tokens or self.max_model_len) + FORK_SPARE_ROWS
+        return min(self.max_model_len, needed)
 
     @staticmethod
     def _seed(params: SamplingParams) -> int:
@@ -361,6 +476,33 @@ class LLM:
                 "(lower max_tokens, shorten the prompt or raise max_model_len)"
             )
 
+    def _new_request(
+        self,
+        backend: NativeDecoder,
+        ids: list[int],
+        text: str | None,
+        params: SamplingParams,
+        spec: SpeculativeConfig | None,
+        drafter: Drafter,
+        rng: RequestRandomness | None,
+        delta: bool,
+    ) -> Request:
+        return Request(
+            backend,
+            self.tokenizer,
+            self.eos_token_ids,
+            self.model_config.vocab_size,
+            ids,
+            text,
+            params,
+            spec.method if spec else None,
+            spec.lossless if spec else True,
+            spec.typical if spec else None,
+            drafter,
+            rng or RequestRandomness(self._seed(params)),
+            delta,
+        )
+
     def _decode(
         self,
         ids: list[int],
@@ -370,63 +512,12 @@ class LLM:
         rng: RequestRandomness | None,
         delta: bool,
     ) -> Iterator[RequestOutput]:
-        request_id = str(next(_request_ids))
-        rng = rng or RequestRandomness(self._seed(params))
-        processor = LogitsProcessor(
-            params, ids, self.model_config.vocab_size, self.eos_token_ids, self.device
-        )
-        assembler = OutputAssembler(self.tokenizer, ids, params, self.eos_token_ids)
-        metrics = RequestMetrics(
-            prompt_tokens=len(ids),
-            method=spec.method if spec else "vanilla",
-            lossless=spec.lossless if spec else True,
-            spec=SpecDecodeStats(),
-        )
-        typical = spec.typical if spec else None
         drafter = self._drafter(spec)  # before the clock: may measure the cost curve, once
-        start = time.perf_counter()
-        steps = decode(self.backend, ids, params, processor, drafter, rng, typical)
-        sources: list[str] = []  # per emitted token: "target" or the drafter that proposed it
-        sent = 0
-        for step in steps:
-            if not metrics.prefill_seconds:
-                metrics.prefill_seconds = time.perf_counter() - start
-            taken = assembler.add(step.tokens)
-            sources += self._sources(step, metrics.method)[:taken]
-            if step.verified:  # count only the accepted tokens that were emitted
-                metrics.spec.observe(step.num_draft_tokens, min(step.num_accepted, taken - 1))
-            if assembler.finished:
-                break
-            if delta:
-                new = slice(sent, len(sources))
-                sent = new.stop
-                out = self._output(assembler, assembler.delta(), new, sources, finished=False)
-                yield RequestOutput(request_id, text, ids, [out], False, metrics)
-        else:
-            assembler.finish_length()  # the context window is full
-        steps.close()
-        metrics.total_seconds = time.perf_counter() - start
-        new_text = assembler.delta() if delta else assembler.text
-        new = slice(sent if delta else 0, len(sources))
-        out = self._output(assembler, new_text, new, sources, finished=True)
-        yield RequestOutput(request_id, text, ids, [out], True, metrics)
-
-    @staticmethod
-    def _sources(step: Step, method: str) -> list[str]:
-        if step.sources is None:
-            return ["target"] * len(step.tokens)
-        return [source or method for source in step.sources[:-1]] + ["target"]
-
-    @staticmethod
-    def _output(
-        assembler: OutputAssembler, text: str, new: slice, sources: list[str], finished: bool
-    ) -> CompletionOutput:
-        """The emitted tokens `new` (a slice), with their text."""
-        return CompletionOutput(
-            index=0,
-            text=text,
-            token_ids=assembler.token_ids[new],
-            finish_reason=assembler.finish_reason if finished else None,
-            stop_reason=assembler.stop_reason if finished else None,
-            token_sources=sources[new],
-        )
+        request = self._new_request(self.backend, ids, text, params, spec, drafter, rng, delta)
+        try:
+            while not request.finished:
+                out = request.advance(self.backend.run(request.next_rows()))
+                if out is not None:
+                    yield out
+        finally:
+            request.close()

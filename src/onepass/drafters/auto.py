@@ -25,6 +25,12 @@ the largest expected tokens per second, E(N) / t(1 + N), from the backend's cost
 If nothing beats plain decoding's 1 / t(1), the draft is empty: auto is never meaningfully
 slower than plain decoding (its only overhead is drafting) and spends rows exactly where they
 pay.
+
+When other requests share the forward (continuous batching, DecodeState.batch), a row costs
+what it adds to the whole forward and pays in the whole forward's tokens: the step scores the
+N nodes maximizing (T + E(N)) / t(R + 1 + N), with R the other requests' rows and T the tokens
+they are expected to emit. The larger the batch, the likelier a node must be to pay, so drafts
+shrink toward what pays and speculation does not lower the batch's throughput.
 """
 
 from __future__ import annotations
@@ -293,7 +299,7 @@ class AutoDrafter:
         # under load: multi-row steps ran ~10% dearer relative to single-row ones than it said).
         self.time_scale = [1.0, 1.0]
         self.tokens: Sequence[int] = []
-        self.step_started = 0.0
+        self.step_started: float | None = None
         self.rows = 1
         self.context = 0  # committed tokens + the root when the step was proposed
 
@@ -314,7 +320,8 @@ class AutoDrafter:
                 merged.add(draft, c.stats(draft, run), method)
         best = self.best_draft(merged, state)
         self.rows = 1 + len(best)
-        self.step_started = time.perf_counter()
+        # A shared forward's time is not this request's: only steps run alone rescale the curve.
+        self.step_started = time.perf_counter() if state.batch is None else None
         return best
 
     def best_draft(self, merged: MergedTree, state: DecodeState) -> Draft:
@@ -323,11 +330,16 @@ class AutoDrafter:
         self.context = len(state.tokens)  # the committed tokens and the root
         limit = min(self.max_nodes, state.max_draft_tokens)
         ranked = merged.best_first(state.max_depth)[:limit]
-        best_n, best_value = 0, 1.0 / self._time(1)
-        expected = 1.0
+        # Sharing the forward with other requests, a row costs what it adds to the whole
+        # forward, and pays in the whole forward's tokens per second.
+        other_rows, other_tokens = (
+            (state.batch.rows, state.batch.tokens) if state.batch else (0, 0.0)
+        )
+        expected = 1.0 + other_tokens
+        best_n, best_value = 0, expected / self._time(1 + other_rows)
         for n, (_, prob) in enumerate(ranked, start=1):
             expected += prob
-            value = expected / self._time(1 + n)
+            value = expected / self._time(1 + other_rows + n)
             if value > best_value:
                 best_n, best_value = n, value
         return merged.draft([node for node, _ in ranked[:best_n]])
@@ -344,7 +356,7 @@ class AutoDrafter:
         return self.cost(rows, self.context) * self.time_scale[rows > 1]
 
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
-        if self.cost is not None:
+        if self.cost is not None and self.step_started is not None:
             self.learn_step_time(time.perf_counter() - self.step_started)
         for c in self.candidates.values():
             c.drafter.observe(draft, verdict, out)

@@ -14,6 +14,17 @@ class ModelOutput:
     hidden: Tensor | None = None  # [n, hidden] final hidden states, for feature-based drafters
 
 
+@dataclass(frozen=True)
+class Rows:
+    """One request's new rows in a forward."""
+
+    ids: Tensor  # [n]
+    positions: Tensor  # [n]
+    mask: Tensor | None = None  # [n, n] bool: row i may attend to new row j (None = causal)
+    logits: str = "all"
+    """Rows whose logits are wanted: "all", "last" (a prompt's last chunk) or "none"."""
+
+
 class Backend(Protocol):
     max_len: int
 
@@ -28,6 +39,14 @@ class Backend(Protocol):
 
     def forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None) -> ModelOutput:
         """Score new tokens ids, positions: [n] under mask: [n, n] (None = causal)."""
+        ...
+
+    def run(self, rows: Rows) -> ModelOutput:
+        """forward() with the rows' choice of logits."""
+        ...
+
+    def prefill_chunks(self, n: int) -> list[int]:
+        """The chunk sizes a prompt of n tokens is prefilled in (each chunk causal)."""
         ...
 
     def commit(self, keep: Tensor) -> None:

@@ -1,7 +1,9 @@
 // The decoder layers of a Llama-family model for the new rows of a step, in one op (CPU,
 // float32, over simd.h): RMSNorm, the four projections (small_gemm.cpp), rotary embedding, the
 // KV-cache write, grouped-query attention over the cache and among the new rows, SwiGLU. It
-// runs every decoding step, and the prompt's prefill in chunks (each chunk causal).
+// runs every decoding step, and the prompt's prefill in chunks (each chunk causal). One call
+// can carry the rows of several requests, each with its own KV cache (continuous batching):
+// they share the weight stream and nothing else.
 //
 // Why: with the GEMM kernel, a 13-row step of the default model spent a third of its time
 // outside the GEMMs: ~35 small ops a layer dispatched one at a time (some on strided views,
@@ -82,11 +84,6 @@ struct KeySpan {
   std::vector<int64_t> extra;  // then these rows
   int64_t size() const { return hi - lo + static_cast<int64_t>(extra.size()); }
   int64_t row(int64_t c) const { return c < hi - lo ? lo + c : extra[c - (hi - lo)]; }
-};
-
-struct AttentionShape {
-  int64_t n, heads, kv_heads, max_len;
-  float scale;
 };
 
 // One query vector (a row's query head) and where its output goes.
@@ -266,49 +263,61 @@ void attend_job(const QueryVector* vectors, int64_t count, const float* keys,
   }
 }
 
-// Grouped-query attention of n rows, head_dim C * kLanes. q, out: [n][heads][hd]; keys,
-// values: one layer's cache, [kv_heads][max_len][hd], the new rows already written. The query
-// vectors of each kv head (row-major: v = row * group + g) are split evenly between threads in
-// kv-head order; a thread's consecutive vectors of one kv head with the same cache run form a
-// job.
+// One request's rows in a forward: its KV cache and where its rows are.
+struct Segment {
+  float* cache_k;  // [layers][kv_heads][max_len][hd]
+  float* cache_v;
+  int64_t max_len, start;  // cache rows; committed rows (the new rows are written after them)
+  int64_t first, n;        // its rows of the forward: first..first + n
+  std::vector<KeySpan> spans;
+};
+
+// Grouped-query attention of every segment's rows in layer `layer`, head_dim C * kLanes. q,
+// out: [rows][heads][hd]; each segment's cache already holds its new rows' K/V. The query
+// vectors (per segment, per kv head, row-major: v = row * group + g) are split evenly between
+// threads; a thread's consecutive vectors of one segment and kv head with the same cache run
+// form a job. A row's arithmetic depends only on its own query and keys.
 template <int C>
-void attend(const float* q, const float* keys, const float* values,
-            const std::vector<KeySpan>& spans, const AttentionShape& s, float* out) {
+void attend(const float* q, std::vector<Segment>& segments, int64_t layer, int64_t heads,
+            int64_t kv_heads, float scale, float* out) {
   constexpr int64_t hd = C * kLanes;
-  const int64_t group = s.heads / s.kv_heads, per_head = s.n * group;
-  at::parallel_for(0, s.kv_heads * per_head, 1, [&](int64_t begin, int64_t end) {
+  const int64_t group = heads / kv_heads;
+  std::vector<int64_t> first_unit{0};
+  for (const Segment& seg : segments) first_unit.push_back(first_unit.back() + kv_heads * seg.n * group);
+  at::parallel_for(0, first_unit.back(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     std::vector<QueryVector> job;
+    int64_t job_segment = 0, job_head = 0;
+    auto flush = [&]() {
+      if (job.empty()) return;
+      const Segment& seg = segments[job_segment];
+      const int64_t offset = (layer * kv_heads + job_head) * seg.max_len * hd;
+      attend_job<C>(job.data(), job.size(), seg.cache_k + offset, seg.cache_v + offset, scale, scratch);
+      job.clear();
+    };
+    int64_t s = std::upper_bound(first_unit.begin(), first_unit.end(), begin) - first_unit.begin() - 1;
     for (int64_t u = begin; u < end; u++) {
-      const int64_t h = u / per_head, v = u % per_head, row = v / group;
-      const int64_t offset = (row * s.heads + h * group + v % group) * hd;
-      const QueryVector vector{q + offset, out + offset, &spans[row]};
+      while (u >= first_unit[s + 1]) s++;
+      const Segment& seg = segments[s];
+      const int64_t per_head = seg.n * group, local = u - first_unit[s];
+      const int64_t h = local / per_head, v = local % per_head, row = v / group;
+      const int64_t offset = ((seg.first + row) * heads + h * group + v % group) * hd;
+      const KeySpan& span = seg.spans[row];
       if (!job.empty()) {
         const KeySpan& run = *job.front().span;
-        if (u % per_head == 0 || spans[row].lo != run.lo || spans[row].hi != run.hi) {
-          const int64_t hj = (u - 1) / per_head;
-          attend_job<C>(job.data(), job.size(), keys + hj * s.max_len * hd,
-                        values + hj * s.max_len * hd, s.scale, scratch);
-          job.clear();
-        }
+        if (s != job_segment || h != job_head || span.lo != run.lo || span.hi != run.hi) flush();
       }
-      job.push_back(vector);
+      if (job.empty()) job_segment = s, job_head = h;
+      job.push_back(QueryVector{q + offset, out + offset, &span});
     }
-    if (!job.empty()) {
-      const int64_t hj = (end - 1) / per_head;
-      attend_job<C>(job.data(), job.size(), keys + hj * s.max_len * hd,
-                    values + hj * s.max_len * hd, s.scale, scratch);
-    }
+    flush();
   });
 }
 
 // Each new row's keys: the committed cache (from the sliding window's start), then the new rows
 // `mask` allows (None: causal).
-std::vector<KeySpan> key_spans(const at::Tensor& positions, int64_t start,
-                               const std::optional<at::Tensor>& mask, int64_t window) {
-  const int64_t n = positions.size(0);
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  const bool* allowed = mask ? mask->data_ptr<bool>() : nullptr;
+std::vector<KeySpan> key_spans(const int64_t* pos, int64_t n, int64_t start, const bool* allowed,
+                               int64_t window) {
   std::vector<KeySpan> spans(n);
   for (int64_t i = 0; i < n; i++) {
     KeySpan& span = spans[i];
@@ -327,31 +336,36 @@ std::vector<KeySpan> key_spans(const at::Tensor& positions, int64_t start,
 
 namespace onepass {
 
-// Runs every layer on rows x [n, hidden] at cache rows start..start + n, writing their K/V;
-// returns the hidden states after the last layer. Arguments as layer_stack.decoder_layers,
-// with packed weights from small_gemm_pack or stored_pack (then `scales`: the RMSNorm weight
-// the projection's columns are scaled by, or None) and the rotation as [n, head_dim / 2, 2]
-// (cos, sin).
+// Runs every layer on rows x [n, hidden], the rows of one or more requests, and returns the
+// hidden states after the last layer. Segment s is rows[s] consecutive rows of x whose K/V go
+// to caches_k[s] / caches_v[s] ([layers, kv_heads, max_len, head_dim]) at rows starts[s]...,
+// attending to that cache's committed rows and, among themselves, as masks[s] ([rows, rows]
+// bool, None: causal) allows. The projections multiply all the rows at once: the weights
+// stream once per forward whatever the number of requests. Weights as
+// layer_stack.decoder_layers, packed by small_gemm_pack or stored_pack (then `scales`: the
+// RMSNorm weight the projection's columns are scaled by, or None); the rotation as
+// [n, head_dim / 2, 2] (cos, sin).
 at::Tensor decode_layers(const at::Tensor& x_in, double eps, const std::vector<at::Tensor>& packed,
                          const std::vector<int64_t>& out_features,
                          const c10::List<std::optional<at::Tensor>>& biases,
-                         const c10::List<std::optional<at::Tensor>>& scales, at::Tensor& cache_k,
-                         at::Tensor& cache_v, const at::Tensor& rotation_in,
-                         const at::Tensor& positions_in, int64_t start,
-                         const std::vector<int64_t>& heads, const std::optional<at::Tensor>& mask_in,
-                         int64_t window) {
+                         const c10::List<std::optional<at::Tensor>>& scales,
+                         const std::vector<at::Tensor>& caches_k, const std::vector<at::Tensor>& caches_v,
+                         const at::Tensor& rotation_in, const at::Tensor& positions_in,
+                         const std::vector<int64_t>& starts, const std::vector<int64_t>& rows,
+                         const c10::List<std::optional<at::Tensor>>& masks_in,
+                         const std::vector<int64_t>& heads, int64_t window) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "x must be a 2-D float32 CPU tensor");
   TORCH_CHECK(heads.size() == 3, "heads must be [query heads, kv heads, head_dim]");
   const int64_t nh = heads[0], nkv = heads[1], hd = heads[2];
   const int64_t n = x_in.size(0), H = x_in.size(1);
-  const int64_t layers = cache_k.size(0), max_len = cache_k.size(2);
+  const size_t count = caches_k.size();
+  TORCH_CHECK(count > 0 && caches_v.size() == count && starts.size() == count &&
+                  rows.size() == count && masks_in.size() == count,
+              "one cache pair, start, row count and mask per segment");
   TORCH_CHECK(hd == 64 || hd == 128, "head_dim must be 64 or 128");
   TORCH_CHECK(nh % nkv == 0, "query heads must be a multiple of kv heads");
-  TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous() &&
-                  cache_k.scalar_type() == at::kFloat && cache_v.sizes() == cache_k.sizes() &&
-                  cache_k.size(1) == nkv && cache_k.size(3) == hd,
-              "caches must be contiguous float32 [layers, kv_heads, max_len, head_dim]");
+  const int64_t layers = caches_k[0].size(0);
   TORCH_CHECK(static_cast<int64_t>(packed.size()) == 4 * layers &&
                   out_features.size() == packed.size() &&
                   static_cast<int64_t>(biases.size()) == 4 * layers &&
@@ -362,18 +376,37 @@ at::Tensor decode_layers(const at::Tensor& x_in, double eps, const std::vector<a
                     out_features[4 * l + 2] % 2 == 0 && out_features[4 * l + 3] == H,
                 "layer ", l, ": projection widths do not match the heads and hidden size");
   }
-  TORCH_CHECK(start >= 0 && start + n <= max_len, "the new rows do not fit in the cache");
   const auto rotation = rotation_in.contiguous();
   const auto positions = positions_in.to(at::kLong).contiguous();
   TORCH_CHECK(rotation.scalar_type() == at::kFloat && rotation.numel() == n * hd,
               "rotation must be float32 [n, head_dim / 2, 2]");
   TORCH_CHECK(positions.numel() == n, "one position per row");
-  std::optional<at::Tensor> mask;
-  if (mask_in) {
-    mask = mask_in->to(at::kBool).contiguous();
-    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == n && mask->size(1) == n, "mask must be [n, n]");
+  std::vector<Segment> segments(count);
+  std::vector<at::Tensor> masks(count);  // keeps the converted masks alive
+  int64_t first = 0;
+  for (size_t s = 0; s < count; s++) {
+    const at::Tensor &ck = caches_k[s], &cv = caches_v[s];
+    TORCH_CHECK(ck.is_contiguous() && cv.is_contiguous() && ck.scalar_type() == at::kFloat &&
+                    cv.sizes() == ck.sizes() && ck.dim() == 4 && ck.size(0) == layers &&
+                    ck.size(1) == nkv && ck.size(3) == hd,
+                "caches must be contiguous float32 [layers, kv_heads, max_len, head_dim]");
+    Segment& seg = segments[s];
+    seg.cache_k = ck.data_ptr<float>(), seg.cache_v = cv.data_ptr<float>();
+    seg.max_len = ck.size(2), seg.start = starts[s], seg.first = first, seg.n = rows[s];
+    TORCH_CHECK(seg.n > 0 && seg.start >= 0 && seg.start + seg.n <= seg.max_len,
+                "segment ", s, ": its new rows do not fit in its cache");
+    const std::optional<at::Tensor> mask_in = masks_in.get(s);
+    const bool* allowed = nullptr;
+    if (mask_in && mask_in->defined()) {
+      masks[s] = mask_in->to(at::kBool).contiguous();
+      TORCH_CHECK(masks[s].dim() == 2 && masks[s].size(0) == seg.n && masks[s].size(1) == seg.n,
+                  "segment ", s, ": mask must be [rows, rows]");
+      allowed = masks[s].data_ptr<bool>();
+    }
+    seg.spans = key_spans(positions.data_ptr<int64_t>() + first, seg.n, seg.start, allowed, window);
+    first += seg.n;
   }
-  const auto spans = key_spans(positions, start, mask, window);
+  TORCH_CHECK(first == n, "the segments' rows must add up to x's rows");
 
   auto x = x_in.contiguous().clone();
   auto normed = at::empty({n, H}, x.options());
@@ -381,7 +414,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, double eps, const std::vector<a
   auto attended = at::empty({n, nh * hd}, x.options());
   float* xp = x.data_ptr<float>();
   const float* rot = rotation.data_ptr<float>();
-  const AttentionShape shape{n, nh, nkv, max_len, static_cast<float>(1.0 / std::sqrt(hd))};
+  const float scale = static_cast<float>(1.0 / std::sqrt(hd));
 
   // A projection's weight: fp32 tiles (small_gemm_pack, RMSNorm weight folded in) or a GGUF
   // format's blocks (stored_pack) with the RMSNorm weight as a column scale: the same values.
@@ -405,24 +438,26 @@ at::Tensor decode_layers(const at::Tensor& x_in, double eps, const std::vector<a
   };
 
   for (int64_t l = 0; l < layers; l++) {
-    float* ck = cache_k.data_ptr<float>() + l * nkv * max_len * hd;
-    float* cv = cache_v.data_ptr<float>() + l * nkv * max_len * hd;
     normalize_rows();
     const auto qkv = project(normed, 4 * l);
-    for (int64_t r = 0; r < n; r++) {
-      const float* row = qkv.data_ptr<float>() + r * (nh + 2 * nkv) * hd;
-      const float* rot_r = rot + r * hd;
-      for (int64_t h = 0; h < nh; h++) rotate(row + h * hd, rot_r, q.data_ptr<float>() + (r * nh + h) * hd, hd);
-      for (int64_t h = 0; h < nkv; h++) {
-        const int64_t cache_row = (h * max_len + start + r) * hd;
-        rotate(row + (nh + h) * hd, rot_r, ck + cache_row, hd);
-        std::copy_n(row + (nh + nkv + h) * hd, hd, cv + cache_row);
+    for (const Segment& seg : segments) {
+      float* ck = seg.cache_k + l * nkv * seg.max_len * hd;
+      float* cv = seg.cache_v + l * nkv * seg.max_len * hd;
+      for (int64_t r = seg.first; r < seg.first + seg.n; r++) {
+        const float* row = qkv.data_ptr<float>() + r * (nh + 2 * nkv) * hd;
+        const float* rot_r = rot + r * hd;
+        for (int64_t h = 0; h < nh; h++) rotate(row + h * hd, rot_r, q.data_ptr<float>() + (r * nh + h) * hd, hd);
+        for (int64_t h = 0; h < nkv; h++) {
+          const int64_t cache_row = (h * seg.max_len + seg.start + r - seg.first) * hd;
+          rotate(row + (nh + h) * hd, rot_r, ck + cache_row, hd);
+          std::copy_n(row + (nh + nkv + h) * hd, hd, cv + cache_row);
+        }
       }
     }
     if (hd == 64) {
-      attend<64 / kLanes>(q.data_ptr<float>(), ck, cv, spans, shape, attended.data_ptr<float>());
+      attend<64 / kLanes>(q.data_ptr<float>(), segments, l, nh, nkv, scale, attended.data_ptr<float>());
     } else {
-      attend<128 / kLanes>(q.data_ptr<float>(), ck, cv, spans, shape, attended.data_ptr<float>());
+      attend<128 / kLanes>(q.data_ptr<float>(), segments, l, nh, nkv, scale, attended.data_ptr<float>());
     }
     add_rows(project(attended, 4 * l + 1));
     normalize_rows();
@@ -440,7 +475,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, double eps, const std::vector<a
 TORCH_LIBRARY_FRAGMENT(ONEPASS_OPS, m) {
   m.def(
       "decode_layers(Tensor x, float eps, Tensor[] packed, int[] out_features, Tensor?[] biases, "
-      "Tensor?[] scales, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor rotation, Tensor positions, int start, "
-      "int[] heads, Tensor? mask, int window) -> Tensor",
+      "Tensor?[] scales, Tensor(a!)[] caches_k, Tensor(b!)[] caches_v, Tensor rotation, "
+      "Tensor positions, int[] starts, int[] rows, Tensor?[] masks, int[] heads, int window) -> Tensor",
       onepass::decode_layers);
 }

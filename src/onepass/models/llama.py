@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ from torch import Tensor
 
 from onepass.kv_cache import KVCache
 from onepass.models import cpu_kernels
-from onepass.models.base import ModelOutput
+from onepass.models.base import ModelOutput, Rows
 from onepass.models.config import ModelConfig
 from onepass.models.layer_stack import (
     GEMM_MKL,
@@ -339,48 +339,78 @@ class NativeDecoder:
         self.cache.length = length
         self._pending = 0
 
+    def prefill_chunks(
+        self, n: int, chunk: int | None = None, first_chunk: int = 2048
+    ) -> list[int]:
+        """The chunk sizes a prompt of n tokens is prefilled in, each chunk causal after the
+        ones before it. The fused decoder runs chunks of `chunk` rows (default
+        FUSED_PREFILL_CHUNK), each with the same arithmetic per row as decoding one token at a
+        time. The layer stack runs a first chunk of up to `first_chunk` rows, which needs no
+        attention mask, then chunks of `chunk` (default 512), each with a mask of
+        [chunk x heads per kv head, tokens so far]."""
+        if self.kernels is not None:
+            chunk = first_chunk = chunk or FUSED_PREFILL_CHUNK
+        chunk = chunk or 512
+        sizes = [min(n, first_chunk)]
+        while sum(sizes) < n:
+            sizes.append(min(chunk, n - sum(sizes)))
+        return sizes
+
     @torch.inference_mode()
     def prefill(
         self, ids: Tensor, chunk: int | None = None, first_chunk: int = 2048
     ) -> ModelOutput:
-        """Reset the cache, then run and commit the prompt; returns the last row's output.
-
-        Every method prefills alike, so the prompt's KV cache is the same whichever decodes
-        after it. The fused decoder runs chunks of `chunk` rows (default FUSED_PREFILL_CHUNK),
-        each causal, with the same arithmetic per row as decoding one token at a time. The layer
-        stack runs a first chunk of up to `first_chunk` rows, which needs no attention mask,
-        then chunks of `chunk` (default 512), each with a mask of [chunk x heads per kv head,
-        tokens so far]."""
+        """Reset the cache, then run and commit the prompt in prefill_chunks; returns the last
+        row's output. Every method prefills alike, so the prompt's KV cache is the same
+        whichever decodes after it."""
         self.reset()
         n = ids.shape[0]
         if n == 0 or n > self.max_len:
             raise ValueError(f"prompt length {n} is outside 1..{self.max_len}")
-        if self.kernels is not None:
-            chunk = first_chunk = chunk or FUSED_PREFILL_CHUNK
-        chunk = chunk or 512
         out, start = None, 0
-        while start < n:
-            part = ids[start : start + (first_chunk if start == 0 else chunk)].to(self.device)
-            positions = torch.arange(start, start + part.shape[0], device=self.device)
-            out = self._run(part, positions, None, last_only=True)
-            self.cache.length += part.shape[0]
-            start += part.shape[0]
+        for size in self.prefill_chunks(n, chunk, first_chunk):
+            part = ids[start : start + size].to(self.device)
+            positions = torch.arange(start, start + size, device=self.device)
+            out = self.run(Rows(part, positions, None, logits="last"))
+            self.cache.length += size
+            start += size
         self._pending = 0
         return out
 
-    @torch.inference_mode()
     def forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None) -> ModelOutput:
         """Score new tokens after the committed cache.
 
         ids, positions: [n]; mask: [n, n] bool, True where row i may attend to new token j
         (None = causal). Every row also sees the whole committed cache.
         """
-        n = ids.shape[0]
-        if self.cache.length + n > self.max_len:
-            raise ValueError("KV cache is full")
-        out = self._run(ids.to(self.device), positions.to(self.device), mask, last_only=False)
-        self._pending = n
-        return out
+        return self.run(Rows(ids, positions, mask))
+
+    def run(self, rows: Rows) -> ModelOutput:
+        """forward() with the rows' choice of logits."""
+        return self.run_batch([(self, rows)])[0]
+
+    @torch.inference_mode()
+    def run_batch(self, batch: Sequence[tuple[NativeDecoder, Rows]]) -> list[ModelOutput]:
+        """Score several requests' new rows in one forward: each (decoder, rows) pair is a
+        request's fork of this decoder (fork(): the same weights, its own KV cache) and its rows
+        after that cache. Each output is what decoder.run(rows) alone computes: on the fused
+        decoder bit for bit, by construction, and the weights stream once for all of them. Each
+        decoder then expects its commit()."""
+        for decoder, rows in batch:
+            if decoder.packed is not self.packed:
+                raise ValueError("run_batch takes forks of this decoder (NativeDecoder.fork)")
+            if decoder.cache.length + rows.ids.shape[0] > decoder.max_len:
+                raise ValueError("KV cache is full")
+        if self.kernels is None:  # the layer stack scores one request at a time
+            outs = [
+                d._run(r.ids.to(self.device), r.positions.to(self.device), r.mask, r.logits)
+                for d, r in batch
+            ]
+        else:
+            outs = self._run_fused(batch)
+        for decoder, rows in batch:
+            decoder._pending = rows.ids.shape[0]
+        return outs
 
     def commit(self, keep: Tensor | list[int]) -> None:
         """Keep the KV of these rows of the last forward (ascending), in order, after the cache."""
@@ -412,27 +442,43 @@ class NativeDecoder:
         additive.masked_fill_(~full, float("-inf"))
         return additive.repeat(self.config.num_heads // self.config.num_kv_heads, 1)
 
-    def _run(self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool):
+    def _run_fused(self, batch: Sequence[tuple[NativeDecoder, Rows]]) -> list[ModelOutput]:
+        cfg = self.config
+        ids = torch.cat([rows.ids for _, rows in batch]).to(self.device)
+        positions = torch.cat([rows.positions for _, rows in batch]).to(self.device)
+        x = self.kernels.decode_layers(
+            self._embed(ids),
+            cfg.rms_norm_eps,
+            self.packed,
+            self.out_features,
+            self.biases,
+            self.scales,
+            [decoder.cache.k for decoder, _ in batch],
+            [decoder.cache.v for decoder, _ in batch],
+            torch.view_as_real(self.rotation[positions]),  # [n, head_dim / 2, 2]
+            positions,
+            [decoder.cache.length for decoder, _ in batch],
+            [rows.ids.shape[0] for _, rows in batch],
+            [rows.mask for _, rows in batch],
+            [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim],
+            cfg.sliding_window or 0,
+        )
+        # One LM head product for the rows whose logits are wanted, then split per request.
+        wanted, counts, end = [], [], 0
+        for _, rows in batch:
+            n = rows.ids.shape[0]
+            chosen = {"all": range(end, end + n), "last": [end + n - 1], "none": []}[rows.logits]
+            wanted += chosen
+            counts.append(len(chosen))
+            end += n
+        head = self._head(x[wanted])
+        logits, hidden = head.logits.split(counts), head.hidden.split(counts)
+        return [ModelOutput(lg, h) for lg, h in zip(logits, hidden, strict=True)]
+
+    def _run(self, ids: Tensor, positions: Tensor, mask: Tensor | None, logits: str):
+        """The layer stack's forward of one request's rows."""
         cfg = self.config
         heads = [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim]
-        if self.kernels is not None:
-            x = self.kernels.decode_layers(
-                self._embed(ids),
-                cfg.rms_norm_eps,
-                self.packed,
-                self.out_features,
-                self.biases,
-                self.scales,
-                self.cache.k,
-                self.cache.v,
-                torch.view_as_real(self.rotation[positions]),  # [n, head_dim / 2, 2]
-                positions,
-                self.cache.length,
-                heads,
-                mask,
-                cfg.sliding_window or 0,
-            )
-            return self._head(x, last_only)
         # Graph optimization off: TorchScript would re-profile and re-specialize for every new
         # row count; its plain interpreter is what saves the time (see layer_stack.py).
         with torch.jit.optimized_execution(False):
@@ -451,15 +497,13 @@ class NativeDecoder:
                 heads,
                 self._attention_mask(positions, mask),
             )
-        return self._head(x, last_only)
+        return self._head({"all": x, "last": x[-1:], "none": x[:0]}[logits])
 
     def _embed(self, ids: Tensor) -> Tensor:
         if self.embed_packed is not None:
             return self.kernels.stored_rows(self.embed_packed, ids, self.vocab_rows)
         return self.embed[ids]
 
-    def _head(self, x: Tensor, last_only: bool) -> ModelOutput:
-        if last_only:
-            x = x[-1:]
+    def _head(self, x: Tensor) -> ModelOutput:
         hidden = normalize(x, self.eps) * self.norm  # [rows, hidden]
         return ModelOutput(logits=self.lm_head(hidden).float(), hidden=hidden)

@@ -55,7 +55,9 @@ class ServerOptions:
     speculative_config: SpeculativeConfig | None = None
     """The default for requests that do not give one (None: plain decoding)."""
     max_queue: int = 32
-    """Requests waiting (besides the running one) before new ones get a 429."""
+    """Requests waiting (besides the running ones) before new ones get a 429."""
+    max_batch: int = 8
+    """Completions generated side by side, sharing each forward (continuous batching)."""
     api_key: str | None = None
     """If set, /v1/* requires `Authorization: Bearer <api_key>`."""
     request_timeout: float | None = 600.0
@@ -75,7 +77,7 @@ def create_app(llm: Any, options: ServerOptions | None = None) -> FastAPI:
             "ServerOptions.speculative_config (plain decoding must stay reachable per request)"
         )
     metrics = ServerMetrics(llm.model_name)
-    scheduler = Scheduler(llm, options.max_queue, metrics)
+    scheduler = Scheduler(llm, options.max_queue, metrics, options.max_batch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

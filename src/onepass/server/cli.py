@@ -23,8 +23,9 @@ def add_serve_parser(
         "serve",
         help="OpenAI-compatible HTTP server, with a page that shows speculation live",
         description="Serve the model over OpenAI's API (/v1/completions, /v1/chat/completions, "
-        "/v1/models), with /health, /metrics (Prometheus) and a page at /. One request "
-        "runs at a time; others wait in a bounded queue.",
+        "/v1/models), with /health, /metrics (Prometheus) and a page at /. Requests run "
+        "side by side, sharing each forward (continuous batching); more wait in a bounded "
+        "queue.",
     )
     g = p.add_argument_group("server")
     g.add_argument(
@@ -32,11 +33,18 @@ def add_serve_parser(
     )
     g.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     g.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        metavar="N",
+        help="completions generated side by side, sharing each forward (default: %(default)s)",
+    )
+    g.add_argument(
         "--max-queue",
         type=int,
         default=32,
         metavar="N",
-        help="requests waiting besides the running one; more get 429 (default: %(default)s)",
+        help="requests waiting besides the running ones; more get 429 (default: %(default)s)",
     )
     g.add_argument(
         "--api-key",
@@ -76,6 +84,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from onepass.config import SpeculativeConfig
 
     spec = SpeculativeConfig.parse(speculative_config(args))  # validate before loading
+    if args.max_batch < 1:
+        raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.max_queue < 1:
         raise UsageError(f"--max-queue must be >= 1, got {args.max_queue}")
     if args.request_timeout < 0:
@@ -107,6 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     options = ServerOptions(
         speculative_config=spec,
         max_queue=args.max_queue,
+        max_batch=args.max_batch,
         api_key=args.api_key or None,
         request_timeout=args.request_timeout or None,
         max_body_bytes=args.max_body_bytes,

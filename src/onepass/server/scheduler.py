@@ -1,15 +1,14 @@
-"""The scheduler: one thread owns the LLM and serves queued jobs, one at a time.
+"""The scheduler: one thread owns the LLM and advances every running request together.
 
 HTTP handlers never touch the model. They submit a Job (its choices to generate, its
-speculative config, a callback that receives its events) to a bounded queue; the scheduler
-thread takes the oldest job, iterates `LLM.stream` for each of its choices and hands every
-step to the callback as a Delta, then ends the job with exactly one terminal event (Done or
-Failed). A job carries its own cancel flag: a client that leaves or times out sets it, and the
-scheduler stops at the next step and closes the stream, which frees the model.
-
-This loop is the part that continuous batching replaces: jobs, their events and their cancel
-flags stay as they are, and the loop then advances every running job's choice by one step of
-a shared forward instead of one job's stream to its end.
+speculative config, a callback that receives its events) to a bounded queue. The scheduler
+thread admits waiting jobs into the running batch between steps while it holds fewer than
+max_batch choices, runs one shared forward for all running choices (LLM.step: continuous
+batching, each choice with its own KV cache, its output exactly what it would be alone), and
+hands every choice's new output to its job's callback as a Delta. A job ends with exactly one
+terminal event (Done or Failed). A job carries its own cancel flag: a client that leaves or
+times out sets it, and the scheduler drops the job's choices, and their KV caches, before the
+next step.
 """
 
 from __future__ import annotations
@@ -106,16 +105,37 @@ class Unavailable(Exception):
     """The server is shutting down, or the scheduler thread is gone."""
 
 
+@dataclass(eq=False)
+class Running:
+    """A running choice: its request and what its deltas need."""
+
+    job: Job
+    choice: Choice
+    request: Any
+    """An onepass.request.Request."""
+    seen: SpecDecodeStats = field(default_factory=SpecDecodeStats)
+    """The counts already added to the server's metrics."""
+    tracker: SourceTracker | None = None
+    num_tokens: int = 0
+
+
 class Scheduler:
-    def __init__(self, llm: Any, max_queue: int, metrics: ServerMetrics) -> None:
+    def __init__(
+        self, llm: Any, max_queue: int, metrics: ServerMetrics, max_batch: int = 8
+    ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.llm = llm
         self.max_queue = max_queue
+        self.max_batch = max_batch
         self.metrics = metrics
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
-        self._running: Job | None = None
+        self._jobs: dict[Job, tuple[int, float]] = {}
+        """Running jobs: (choices not finished yet, admission time)."""
+        self._choices: list[Running] = []  # the scheduler thread's own
         self._stopping = False
         self._seconds_per_job = 1.0  # moving average, for Retry-After
         self._thread = threading.Thread(target=self._loop, name="onepass-scheduler", daemon=True)
@@ -134,9 +154,9 @@ class Scheduler:
         return self._stopping
 
     def counts(self) -> tuple[int, int]:
-        """(waiting, running)."""
+        """(waiting, running) jobs."""
         with self._cond:
-            return len(self._waiting), int(self._running is not None)
+            return len(self._waiting), len(self._jobs)
 
     def submit(self, job: Job) -> None:
         """Queue the job, or raise QueueFull / Unavailable."""
@@ -147,7 +167,8 @@ class Scheduler:
                 raise Unavailable("the model is not available (the scheduler stopped)")
             if len(self._waiting) >= self.max_queue:
                 ahead = len(self._waiting) + 1
-                retry = min(60, max(1, math.ceil(self._seconds_per_job * ahead)))
+                seconds = self._seconds_per_job * ahead / self.max_batch
+                retry = min(60, max(1, math.ceil(seconds)))
                 self.metrics.request_done("rejected")
                 raise QueueFull(retry)
             self._waiting.append(job)
@@ -155,7 +176,7 @@ class Scheduler:
 
     def cancel(self, job: Job, reason: str) -> None:
         """Stop the job (reason: cancelled, timeout or shutdown): a queued job leaves the
-        queue now, a running one stops before its next step. No-op for an ended job."""
+        queue now, a running one before the next step. No-op for an ended job."""
         with self._cond:
             if job.ended or job.cancel_reason is not None:
                 return
@@ -171,85 +192,118 @@ class Scheduler:
         with self._cond:
             self._stopping = True
             queued = list(self._waiting)
-            running = self._running
+            running = list(self._jobs)
             self._cond.notify_all()
-        for job in queued:
+        for job in queued + running:
             self.cancel(job, "shutdown")
-        if running is not None:
-            self.cancel(running, "shutdown")
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(STOP_TIMEOUT_SECONDS)
 
     # -- the scheduler thread ------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._waiting and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                job = self._running = self._waiting.popleft()
-            start = time.monotonic()
-            try:
-                self._serve(job)
-            finally:
-                with self._cond:
-                    self._running = None
-                elapsed = time.monotonic() - start
-                self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed
-
-    def _serve(self, job: Job) -> None:
         try:
-            completed = all(self._generate(job, choice) for choice in job.choices)
+            while self._next_batch():
+                self._drop_cancelled()
+                if self._choices:
+                    self._step()
+        finally:
+            for job in list(self._jobs):  # stopping: end what still runs
+                self._finish(job, job.cancel_reason or "shutdown", Failed("shutdown"))
+
+    def _next_batch(self) -> bool:
+        """Wait for work, admit waiting jobs while the batch has room; False when stopping."""
+        with self._cond:
+            while not self._waiting and not self._jobs and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return False
+            admitted = []
+            while self._waiting:
+                size = len(self._waiting[0].choices)
+                if self._jobs and len(self._choices) + size > self.max_batch:
+                    break  # a job larger than max_batch runs when it has the model alone
+                job = self._waiting.popleft()
+                self._jobs[job] = (size, time.monotonic())
+                admitted.append(job)
+        for job in admitted:
+            self._admit(job)
+        return True
+
+    def _admit(self, job: Job) -> None:
+        """Start the job's choices (tokenized and checked by the LLM)."""
+        started = []
+        try:
+            for choice in job.choices:
+                request = self.llm.request(
+                    choice.prompt, choice.params, speculative_config=job.spec
+                )
+                started.append(Running(job, choice, request))
         except InputError as e:  # the handler's checks should have caught it; the LLM did
-            self._end(job, "error", Failed("invalid", str(e)))
+            self._finish(job, "error", Failed("invalid", str(e)))
         except Exception:  # a bug: log it, fail this request, keep serving the others
             log.exception("request failed")
-            self._end(job, "error", Failed("internal"))
+            self._finish(job, "error", Failed("internal"))
         else:
-            if completed:  # even if a cancel came after the last step
-                self._end(job, "finished", Done())
-            else:
-                self._end(job, job.cancel_reason, Failed(job.cancel_reason))
+            self._choices += started
 
-    def _generate(self, job: Job, choice: Choice) -> bool:
-        """Stream one choice to its end (True) or until the job is cancelled (False)."""
-        stream = self.llm.stream(choice.prompt, choice.params, speculative_config=job.spec)
-        seen = SpecDecodeStats()  # the counts already added to the server's metrics
-        tracker = None
-        num_tokens = 0
+    def _drop_cancelled(self) -> None:
+        for job in {r.job for r in self._choices if r.job.cancel_reason is not None}:
+            self._finish(job, job.cancel_reason, Failed(job.cancel_reason))
+
+    def _step(self) -> None:
         try:
-            while job.cancel_reason is None:
-                out = next(stream, None)
-                if out is None:
-                    return True
-                if tracker is None:  # first step: the prompt is tokenized and prefilled
-                    self.metrics.prompt(len(out.prompt_token_ids))
-                    tracker = SourceTracker(
-                        self.llm.tokenizer, out.prompt_token_ids, choice.params.skip_special_tokens
-                    )
-                c = out.outputs[0]
-                sources = c.token_sources or ["target"] * len(c.token_ids)
-                self.metrics.step(len(c.token_ids), out.metrics.spec, seen)
-                num_tokens += len(c.token_ids)
-                delta = Delta(
-                    index=choice.index,
-                    text=c.text,
-                    token_ids=list(c.token_ids),
-                    token_sources=list(sources),
-                    text_sources=tracker.split(c.token_ids, sources, c.text),
-                    prompt_tokens=len(out.prompt_token_ids),
-                )
-                if out.finished:
-                    delta.finish_reason, delta.stop_reason = c.finish_reason, c.stop_reason
-                    delta.stats = _stats(out.metrics, num_tokens)
-                job.on_event(delta)
-                if out.finished:
-                    return True
-            return False
-        finally:
-            stream.close()  # releases the model at once, mid-request or not
+            outputs = self.llm.step([r.request for r in self._choices])
+        except Exception:  # a bug: fail the running requests, keep serving
+            log.exception("a step failed")
+            for job in {r.job for r in self._choices}:
+                self._finish(job, "error", Failed("internal"))
+            return
+        for running, out in zip(list(self._choices), outputs, strict=True):
+            if out is not None and running.job in self._jobs:
+                self._deliver(running, out)
+
+    def _deliver(self, running: Running, out: Any) -> None:
+        if running.tracker is None:  # first output: the prompt is tokenized and prefilled
+            self.metrics.prompt(len(out.prompt_token_ids))
+            running.tracker = SourceTracker(
+                self.llm.tokenizer, out.prompt_token_ids, running.choice.params.skip_special_tokens
+            )
+        c = out.outputs[0]
+        sources = c.token_sources or ["target"] * len(c.token_ids)
+        self.metrics.step(len(c.token_ids), out.metrics.spec, running.seen)
+        running.num_tokens += len(c.token_ids)
+        delta = Delta(
+            index=running.choice.index,
+            text=c.text,
+            token_ids=list(c.token_ids),
+            token_sources=list(sources),
+            text_sources=running.tracker.split(c.token_ids, sources, c.text),
+            prompt_tokens=len(out.prompt_token_ids),
+        )
+        if out.finished:
+            delta.finish_reason, delta.stop_reason = c.finish_reason, c.stop_reason
+            delta.stats = _stats(out.metrics, running.num_tokens)
+        job = running.job
+        job.on_event(delta)
+        if out.finished:
+            self._choices.remove(running)
+            left, admitted = self._jobs[job]
+            if left > 1:
+                self._jobs[job] = (left - 1, admitted)
+            else:  # even if a cancel came after the last step
+                self._finish(job, "finished", Done())
+
+    def _finish(self, job: Job, status: str, event: Done | Failed) -> None:
+        """End a running job: close its choices' requests (their KV caches go with them)."""
+        for running in [r for r in self._choices if r.job is job]:
+            running.request.close()
+            self._choices.remove(running)
+        with self._cond:
+            _, admitted = self._jobs.pop(job, (0, time.monotonic()))
+            elapsed = time.monotonic() - admitted
+            self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed
+        self._end(job, status, event)
 
     def _end(self, job: Job, status: str, event: Done | Failed) -> None:
         job.ended = True
