@@ -383,28 +383,33 @@ class LLM:
             spec=SpecDecodeStats(),
         )
         typical = spec.typical if spec else None
-        drafter = self._drafter(spec)  # before the clock: may measure the cost curve, once
+        # The request's own drafter (its learned state is the config's, shared); built before
+        # the clock: may measure the cost curve, once.
+        drafter = self._drafter(spec).fork()
         start = time.perf_counter()
         steps = decode(self.backend, ids, params, processor, drafter, rng, typical)
         sources: list[str] = []  # per emitted token: "target" or the drafter that proposed it
         sent = 0
-        for step in steps:
-            if not metrics.prefill_seconds:
-                metrics.prefill_seconds = time.perf_counter() - start
-            taken = assembler.add(step.tokens)
-            sources += self._sources(step, metrics.method)[:taken]
-            if step.verified:  # count only the accepted tokens that were emitted
-                metrics.spec.observe(step.num_draft_tokens, min(step.num_accepted, taken - 1))
-            if assembler.finished:
-                break
-            if delta:
-                new = slice(sent, len(sources))
-                sent = new.stop
-                out = self._output(assembler, assembler.delta(), new, sources, finished=False)
-                yield RequestOutput(request_id, text, ids, [out], False, metrics)
-        else:
-            assembler.finish_length()  # the context window is full
-        steps.close()
+        try:
+            for step in steps:
+                if not metrics.prefill_seconds:
+                    metrics.prefill_seconds = time.perf_counter() - start
+                taken = assembler.add(step.tokens)
+                sources += self._sources(step, metrics.method)[:taken]
+                if step.verified:  # count only the accepted tokens that were emitted
+                    metrics.spec.observe(step.num_draft_tokens, min(step.num_accepted, taken - 1))
+                if assembler.finished:
+                    break
+                if delta:
+                    new = slice(sent, len(sources))
+                    sent = new.stop
+                    out = self._output(assembler, assembler.delta(), new, sources, finished=False)
+                    yield RequestOutput(request_id, text, ids, [out], False, metrics)
+            else:
+                assembler.finish_length()  # the context window is full
+        finally:  # also when the caller closes the stream early
+            steps.close()
+            drafter.finish()  # what the request showed may now serve later ones
         metrics.total_seconds = time.perf_counter() - start
         new_text = assembler.delta() if delta else assembler.text
         new = slice(sent if delta else 0, len(sources))

@@ -46,6 +46,7 @@ from __future__ import annotations
 import heapq
 import json
 from bisect import bisect_left, bisect_right
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -56,11 +57,13 @@ from typing import Any
 import numpy as np
 
 from onepass.draft import DecodeState, Draft, Verdict
+from onepass.drafters.base import Drafter
 from onepass.models.base import ModelOutput
 from onepass.tree import Tree
 
 SEP = -1  # corpus document boundary: never matched, ends continuations
 PAD = -2  # past the end of the reversed corpus (sorts before every token)
+HISTORY_TOKENS = 0  # default history size (Options.history_tokens)
 
 
 @dataclass
@@ -82,7 +85,10 @@ class Options:
     corpus: str | None = None
     """Optional .txt (one document) or .jsonl (string fields "text" and/or "turns") file."""
     corpus_weight: float = 0.5
-    """Weight of a corpus occurrence relative to one in the request's own text."""
+    """Weight of a corpus or history occurrence relative to one in the request's own text."""
+    history_tokens: int = HISTORY_TOKENS
+    """Tokens of earlier requests (prompt + answer each, the oldest requests dropped first) kept
+    to draft from, as SuffixDecoding's global tree; 0: none."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_match <= self.max_match <= 64:
@@ -95,6 +101,8 @@ class Options:
             raise ValueError("backoff and corpus_weight must be in (0, 1]")
         if not 0 <= self.min_probability < 1:
             raise ValueError("min_probability must be in [0, 1)")
+        if not isinstance(self.history_tokens, int) or not 0 <= self.history_tokens <= 1 << 24:
+            raise ValueError(f"history_tokens must be an integer in 0..{1 << 24}")
         if self.corpus is not None:
             path = Path(self.corpus)
             if path.suffix not in (".txt", ".jsonl"):
@@ -117,7 +125,12 @@ class RequestIndex:
         if len(tokens) < old or (old and tokens[old - 1] != self.tokens[-1]):
             self.__init__(self.max_match)
             old = 0
-        self.tokens.extend(tokens[old:])
+        self.extend(tokens[old:])
+
+    def extend(self, new: Sequence[int]) -> None:
+        """Append and index the tokens that follow."""
+        old = len(self.tokens)
+        self.tokens.extend(new)
         toks, m = self.tokens, self.max_match
         for end in range(max(old, 1), len(toks)):  # n-grams ending at end - 1, followed by end
             window = tuple(toks[max(0, end - m) : end])
@@ -178,6 +191,33 @@ class CorpusIndex:
         start = len(self.tokens) - int(r)  # the match ends at original index N - 1 - r
         cont = self.tokens[start : start + depth].tolist()
         return cont[: cont.index(SEP)] if SEP in cont else cont
+
+
+class History:
+    """Earlier requests' prompts and answers, at most max_tokens of them (the oldest requests
+    dropped first), indexed like the corpus: SuffixDecoding's global tree. Learned state: a
+    drafter's forks share it, and a request joins it only once it has ended (finish), so no
+    request drafts from another's partial answer."""
+
+    def __init__(self, max_tokens: int, max_match: int) -> None:
+        self.max_tokens = max_tokens
+        self.max_match = max_match
+        self.documents: deque[list[int]] = deque()
+        self.size = 0  # tokens in documents
+        self.index: CorpusIndex | None = None  # None while empty
+
+    def add(self, tokens: Sequence[int]) -> None:
+        """Keep a finished request's tokens (the last max_tokens of them) and re-index."""
+        document = list(tokens[-self.max_tokens :])
+        if not document:
+            return
+        self.documents.append(document)
+        self.size += len(document)
+        while self.size > self.max_tokens:
+            self.size -= len(self.documents.popleft())
+        # A fresh index replaces the old one whole: a sort of the bounded history, once per
+        # request (ms), while proposals, every step, stay binary searches.
+        self.index = CorpusIndex(self.documents, self.max_match)
 
 
 def read_corpus(path: str) -> list[str]:
@@ -264,15 +304,31 @@ class CountTrie:
         return Draft(tokens, Tree(tuple(parents)), classes=classes)
 
 
-class SuffixDrafter:
-    def __init__(self, options: Options, budget: int, corpus: CorpusIndex | None) -> None:
+class SuffixDrafter(Drafter):
+    def __init__(
+        self,
+        options: Options,
+        budget: int,
+        corpus: CorpusIndex | None,
+        history: History | None = None,
+    ) -> None:
         self.options = options
         self.budget = budget
+        # Shared with every fork: the static corpus, and the history of ended requests (a new
+        # one if none is given and options.history_tokens asks for one).
         self.corpus = corpus
+        if history is None and options.history_tokens:
+            history = History(options.history_tokens, options.max_match)
+        self.history = history
+        # This request's own: its tokens, indexed.
         self.index = RequestIndex(options.max_match)
+
+    def fork(self) -> SuffixDrafter:
+        return SuffixDrafter(self.options, self.budget, self.corpus, self.history)
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         self.index = RequestIndex(self.options.max_match)
+        self.index.sync(prompt_ids)
 
     def propose(self, state: DecodeState) -> Draft:
         budget = min(self.budget, state.max_draft_tokens)
@@ -280,51 +336,69 @@ class SuffixDrafter:
         if depth <= 0:
             return Draft.empty()
         self.index.sync(state.tokens)
-        request, found = self.matches()
+        stores = self.stores()
+        request, found = self.matches(stores)
         trie = CountTrie()
-        for continuation, weight in self.occurrences(request, found, depth):
+        for continuation, weight in self.occurrences(request, stores, found, depth):
             trie.add(continuation, weight)
-        longest = max(len(request), len(found))
+        longest = max([len(request), *map(len, found)])
         return trie.best(budget, self.options.min_probability, longest)
 
-    def matches(self) -> tuple[list[list[int]], list[tuple[int, int]]]:
-        """Occurrences of each suffix length of the context: in the request, in the corpus."""
-        o, toks, corpus = self.options, self.index.tokens, self.corpus
+    def stores(self) -> list[CorpusIndex]:
+        """What is searched besides the request: the history (recent traffic), the corpus."""
+        history = self.history.index if self.history is not None else None
+        return [store for store in (history, self.corpus) if store is not None]
+
+    def matches(
+        self, stores: Sequence[CorpusIndex]
+    ) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        """Occurrences of each suffix length of the context: in the request, in each store."""
+        o, toks = self.options, self.index.tokens
         request = self.index.levels(o.max_match)
-        found = corpus.levels(toks[: -o.max_match - 1 : -1]) if corpus is not None else []
-        return request, found
+        suffix_reversed = toks[: -o.max_match - 1 : -1]
+        return request, [store.levels(suffix_reversed) for store in stores]
 
     def occurrences(
-        self, request: list[list[int]], found: list[tuple[int, int]], depth: int
+        self,
+        request: list[list[int]],
+        stores: Sequence[CorpusIndex],
+        found: list[list[tuple[int, int]]],
+        depth: int,
     ) -> Iterator[tuple[list[int], float]]:
         """(continuation, weight) of the gathered occurrences (rules 1-2 of the docstring)."""
-        o, corpus = self.options, self.corpus
-        longest = max(len(request), len(found))
-        seen: set[tuple[bool, int]] = set()  # (from the corpus?, position)
+        o = self.options
+        longest = max([len(request), *map(len, found)])
+        seen: set[tuple[int, int]] = set()  # (store index, -1 = the request; position)
         for n in range(longest, o.min_match - 1, -1):
             weight = o.backoff ** (longest - n)
             # Enough candidates to fill the cap even if all the seen ones reappear.
             want = o.max_occurrences + len(seen)
             mine = request[n - 1] if n <= len(request) else []
-            level = [(False, p) for p in islice(reversed(mine), want)]
-            if n <= len(found):
-                lo, hi = found[n - 1]
-                level += [(True, r) for r in corpus.sa[lo : min(hi, lo + want)].tolist()]
+            level = [(-1, p) for p in islice(reversed(mine), want)]
+            for s, (store, ranges) in enumerate(zip(stores, found, strict=True)):
+                if n <= len(ranges):
+                    lo, hi = ranges[n - 1]
+                    level += [(s, r) for r in store.sa[lo : min(hi, lo + want)].tolist()]
             for key in level:
                 if len(seen) >= o.max_occurrences:
                     return
                 if key not in seen:
                     seen.add(key)
-                    from_corpus, p = key
-                    if from_corpus:
-                        yield corpus.continuation(p, depth), weight * o.corpus_weight
-                    else:
+                    s, p = key
+                    if s < 0:
                         yield self.index.continuation(p, depth), weight
+                    else:
+                        yield stores[s].continuation(p, depth), weight * o.corpus_weight
             if len(seen) >= o.min_occurrences:
                 return
 
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
-        pass
+        self.index.extend(verdict.tokens)  # now, so that finish() sees the last step's tokens
+
+    def finish(self) -> None:
+        if self.history is not None:
+            self.history.add(self.index.tokens)
+        self.index = RequestIndex(self.options.max_match)  # a second finish adds nothing
 
 
 def build(options: Options, context: Any) -> SuffixDrafter:
