@@ -38,13 +38,16 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from onepass.draft import NODE_CLASSES, DecodeState, Draft, Verdict
 from onepass.drafters import DraftContext, build_drafter, options_class
 from onepass.drafters.base import Drafter
 from onepass.models.base import ModelOutput
 from onepass.tree import Tree
+
+if TYPE_CHECKING:
+    from onepass.cost import CostModel
 
 MAX_PENDING = 64  # proposals awaiting enough emitted tokens to be scored, per drafter
 DEPTHS = 8  # nodes from this depth on share their estimates
@@ -307,7 +310,7 @@ class AutoDrafter(Drafter):
         self,
         options: Options,
         drafters: dict[str, Drafter],
-        cost: Any,
+        cost: CostModel | None,
         max_nodes: int,
         learned: Learned | None = None,
     ) -> None:

@@ -15,21 +15,28 @@ Data structures, and why:
   the *reversed* token stream sorted on its first max_match tokens. The reversed current suffix
   is then a prefix query; narrowing the range one token at a time (binary searches) yields the
   occurrences of every suffix length in one O(max_match log N) pass.
+* The history (history_tokens > 0; SuffixDecoding's global tree, which pays on repeated,
+  agent-like traffic): the prompts and answers of earlier requests, the oldest dropped first
+  past history_tokens, indexed as the corpus is, re-indexed whole as a request ends (a few ms).
+  It is what the drafter learns across requests, shared by its forks (drafters/base.py); a
+  request joins it only once it has ended (finish), so none drafts from another's partial
+  answer.
 
 Match rule:
 1. n* = the longest n in [min_match, max_match] such that the last n tokens occurred earlier
-   (with a token after them) in the request or the corpus; none -> Draft.empty().
+   (with a token after them) in the request, the history or the corpus; none -> Draft.empty().
 2. Occurrences are gathered level by level from n = n* down: at each level the request's new
-   ones (most recent first), then the corpus's; at most max_occurrences in all. One found at
-   level n weighs backoff ** (n* - n), times corpus_weight if from the corpus. Going down a
-   level happens only while fewer than min_occurrences are gathered, so a long but rare match
-   is backed by shorter, more frequent ones and still dominates them.
+   ones (most recent first), then the history's, then the corpus's; at most max_occurrences in
+   all. One found at level n weighs backoff ** (n* - n), times corpus_weight if from the
+   history or the corpus. Going down a level happens only while fewer than min_occurrences are
+   gathered, so a long but rare match is backed by shorter, more frequent ones and still
+   dominates them.
 
 Tree rule:
 3. The continuations (up to D = min(budget, max_depth) tokens after each occurrence) are
    counted, weighted, into a trie. One reaching the end of the request's text repeats the text
    since the occurrence (the loop it is in; what a new lookup would propose once accepted); one
-   reaching the end of a corpus document stops there. A node's conditional probability is its
+   reaching the end of a corpus document (or an earlier request) stops there. A node's conditional probability is its
    weight over its siblings' total (a continuation cut short is no evidence either way); its
    score is the product along its path.
 4. Best-first selection: repeatedly take the highest-scoring frontier node (ties: shallower,
@@ -156,6 +163,23 @@ class RequestIndex:
         return out
 
 
+def sort_words(rev: np.ndarray, n: int, max_match: int) -> list[np.ndarray]:
+    """The first max_match tokens of each of rev's first n suffixes, packed into as few uint64
+    words as the ids allow, most significant first: sorting the words sorts the suffixes on
+    those tokens (PAD < SEP < every token) in a few passes instead of one per token (5-10x
+    faster: the history is re-indexed as every request ends)."""
+    shifted = (rev - PAD).astype(np.uint64)  # PAD 0, SEP 1, token t at t + 2
+    bits = max(int(shifted.max()).bit_length(), 1)
+    per_word = 64 // bits
+    words = []
+    for first in range(0, max_match, per_word):
+        word = np.zeros(n, dtype=np.uint64)
+        for j in range(first, min(first + per_word, max_match)):
+            word = (word << np.uint64(bits)) | shifted[j : j + n]
+        words.append(word)
+    return words
+
+
 class CorpusIndex:
     """Suffix array over the reversed corpus, sorted on its first max_match tokens."""
 
@@ -164,7 +188,8 @@ class CorpusIndex:
         self.tokens = np.array(stream, dtype=np.int64)
         n = len(stream)
         self.rev = np.concatenate([self.tokens[::-1], np.full(max_match, PAD, dtype=np.int64)])
-        order = np.lexsort([self.rev[j : j + n] for j in reversed(range(max_match))])
+        words = sort_words(self.rev, n, max_match)
+        order = np.lexsort(words[::-1])
         # Keep suffixes of the reversed stream whose match would be followed by a token of the
         # same document (rev[r - 1] is that token): others can never yield a continuation.
         before = np.concatenate([[SEP], self.rev[: n - 1]])
