@@ -36,9 +36,9 @@ Tree rule:
 3. The continuations (up to D = min(budget, max_depth) tokens after each occurrence) are
    counted, weighted, into a trie. One reaching the end of the request's text repeats the text
    since the occurrence (the loop it is in; what a new lookup would propose once accepted); one
-   reaching the end of a corpus document (or an earlier request) stops there. A node's conditional probability is its
-   weight over its siblings' total (a continuation cut short is no evidence either way); its
-   score is the product along its path.
+   reaching the end of a corpus document (or of an earlier request) stops there. A node's
+   conditional probability is its weight over its siblings' total (a continuation cut short is
+   no evidence either way); its score is the product along its path.
 4. Best-first selection: repeatedly take the highest-scoring frontier node (ties: shallower,
    then the most recent occurrence) until the budget (num_speculative_tokens, else max_nodes =
    12: forward cost is nearly flat up to ~12 rows) is used or the score falls below
@@ -70,7 +70,11 @@ from onepass.tree import Tree
 
 SEP = -1  # corpus document boundary: never matched, ends continuations
 PAD = -2  # past the end of the reversed corpus (sorts before every token)
-HISTORY_TOKENS = 0  # default history size (Options.history_tokens)
+# Default history size (Options.history_tokens): some 30-60 recent chats, re-indexed in ~3 ms
+# as a request ends, ~1 MB. On the default model (scripts/suffix_history.py, greedy, 64 tokens)
+# it lifts a repeated prompt's mean acceptance length from 1.44 to 12.6 (suffix) and from 2.89
+# to 12.0 (auto), and leaves fresh prompts alone (1.70 -> 1.74 suffix, 1.92 -> 1.91 auto).
+HISTORY_TOKENS = 16384
 
 
 @dataclass
