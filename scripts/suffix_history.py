@@ -10,6 +10,7 @@ plain decoding = 1.0) and tokens/s per workload:
   send (the answers share their structure, not their content).
 
     .venv/bin/python scripts/suffix_history.py [--max-tokens 64] [--history-tokens 16384]
+        [--workloads fresh,repeated,agent] [--methods suffix,auto]
 """
 
 from __future__ import annotations
@@ -67,14 +68,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--history-tokens", type=int, default=16384)
+    parser.add_argument("--workloads", default="fresh,repeated,agent")
+    parser.add_argument("--methods", default="suffix,auto")
     args = parser.parse_args()
     llm = LLM("default", max_model_len=2048)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     llm.chat([{"role": "user", "content": "Hello!"}], params)  # warm-up
     outputs: dict[tuple[str, str], list[list[int]]] = {}
     print(f"{'workload':<20} {'method':<7} {'history':>7} {'accept':>7} {'tok/s':>6}")
-    for name, prompts in workloads().items():
-        for method in ("suffix", "auto"):
+    chosen = args.workloads.split(",")
+    for name, prompts in [(n, p) for n, p in workloads().items() if n in chosen]:
+        for method in args.methods.split(","):
             for history in (0, args.history_tokens):
                 spec = use_history(llm, method, history)
                 rounds = [SpecDecodeStats(), SpecDecodeStats()]
