@@ -14,6 +14,7 @@ from onepass.drafters.auto import (
     RUN_PRIORS,
     AutoDrafter,
     Candidate,
+    Estimates,
     MergedTree,
     NodeStats,
     Options,
@@ -101,16 +102,9 @@ def test_every_best_first_prefix_is_a_tree(spec):
         merged.draft(ranked[:n])  # raises if a kept node's parent is missing
 
 
-class FakeAuto:
-    """AutoDrafter's cut search without building real drafters."""
-
-    best_draft = AutoDrafter.best_draft
-    learn_step_time = AutoDrafter.learn_step_time
-    _time = AutoDrafter._time
-
-    def __init__(self, cost: CostModel) -> None:
-        self.cost, self.time_scale, self.max_nodes = cost, [1.0, 1.0], 16
-        self.rows, self.context = 1, 0
+def bare_auto(cost: CostModel) -> AutoDrafter:
+    """AutoDrafter's cut search without candidate drafters."""
+    return AutoDrafter(Options(), {}, cost, max_nodes=16)
 
 
 def state(max_depth: int = 10, context: int = 3) -> DecodeState:
@@ -126,47 +120,47 @@ def chain_tree(n: int, rate: float) -> MergedTree:
 
 def test_draft_is_deep_when_rows_are_cheap_and_acceptance_high():
     flat = CostModel((1, 32), (1.0, 1.0))
-    assert len(FakeAuto(flat).best_draft(chain_tree(6, 0.9), state())) == 6
+    assert len(bare_auto(flat).best_draft(chain_tree(6, 0.9), state())) == 6
 
 
 def test_draft_is_empty_when_speculation_cannot_pay():
     steep = CostModel((1, 2, 32), (1.0, 2.0, 32.0))  # each row costs as much as a step
-    assert len(FakeAuto(steep).best_draft(chain_tree(3, 0.3), state())) == 0
+    assert len(bare_auto(steep).best_draft(chain_tree(3, 0.3), state())) == 0
 
 
 def test_draft_stops_where_the_next_node_costs_more_than_it_brings():
     # t(k) = 1 + 0.1 (k - 1); node probabilities 0.5, 0.25, 0.125, ...: E(N) / t(1 + N) is
     # 1, 1.36, 1.46, 1.44 for N = 0..3, so two nodes.
     linear = CostModel((1, 32), (1.0, 4.1))
-    assert len(FakeAuto(linear).best_draft(chain_tree(8, 0.5), state())) == 2
+    assert len(bare_auto(linear).best_draft(chain_tree(8, 0.5), state())) == 2
 
 
 def test_draft_is_shorter_after_a_long_context():
     # Flat after 100 tokens; after 1100, t(k) = 1 + 0.1 (k - 1) as above: two nodes.
     curve = CostModel((1, 32), (1.0, 1.0), 100, (1.0, 4.1), 1100)
-    assert len(FakeAuto(curve).best_draft(chain_tree(8, 0.5), state(context=100))) == 8
-    assert len(FakeAuto(curve).best_draft(chain_tree(8, 0.5), state(context=1100))) == 2
+    assert len(bare_auto(curve).best_draft(chain_tree(8, 0.5), state(context=100))) == 8
+    assert len(bare_auto(curve).best_draft(chain_tree(8, 0.5), state(context=1100))) == 2
 
 
 def test_steps_that_score_drafts_learn_their_own_time_scale():
     # The curve says t(k) = 1 + 0.05 (k - 1); in the loop, drafted steps take 1.3x that.
     curve = CostModel((1, 32), (1.0, 2.55))
-    auto = FakeAuto(curve)
+    auto = bare_auto(curve)
     assert len(auto.best_draft(chain_tree(8, 0.3), state())) == 2  # E / t: 1.24, 1.26, 1.23
     for _ in range(60):
         auto.rows = 1
         auto.learn_step_time(curve(1))  # plain steps: as the curve says
         auto.rows = 4
         auto.learn_step_time(1.3 * curve(4))
-    assert auto.time_scale[0] == pytest.approx(1.0) and auto.time_scale[1] > 1.29
+    assert auto.learned.time_scale[0] == pytest.approx(1.0) and auto.learned.time_scale[1] > 1.29
     # 0.3-likely nodes no longer pay for rows 30% dearer than the curve's.
     assert len(auto.best_draft(chain_tree(8, 0.3), state())) == 0
 
 
 def test_draft_respects_max_depth_and_the_row_limit():
     flat = CostModel((1, 32), (1.0, 1.0))
-    assert len(FakeAuto(flat).best_draft(chain_tree(4, 0.9), state(2))) == 2
-    auto = FakeAuto(flat)
+    assert len(bare_auto(flat).best_draft(chain_tree(4, 0.9), state(2))) == 2
+    auto = bare_auto(flat)
     auto.max_nodes = 3
     assert len(auto.best_draft(chain_tree(6, 0.9), state())) == 3
 
@@ -196,7 +190,7 @@ def test_predicted_counts_the_emitted_tokens_a_draft_foresaw():
 
 
 def test_a_drafter_run_grows_while_it_predicts_and_restarts_on_a_miss():
-    c = Candidate(drafter=None, options=Options())  # type: ignore[arg-type]
+    c = Candidate(drafter=None, estimates=Estimates(Options()))  # type: ignore[arg-type]
     c.latest = Draft.chain([1, 2, 3])
     c.record([1, 2, 3, 4])
     assert c.run == 3 and run_state(c.run) == run_state(3)
@@ -215,7 +209,7 @@ def test_a_drafter_run_grows_while_it_predicts_and_restarts_on_a_miss():
 def test_estimates_are_kept_apart_per_run_state():
     """A drafter that is right while copying and wrong otherwise: the two states learn
     different rates from the same drafter's proposals."""
-    c = Candidate(drafter=None, options=Options())  # type: ignore[arg-type]
+    c = Candidate(drafter=None, estimates=Estimates(Options()))  # type: ignore[arg-type]
     copying, fresh = len(RUN_BOUNDS), 0
     emitted = [1, 2, 3, 4, 5, 6] * 20
     for i in range(0, 100, 3):
@@ -223,17 +217,18 @@ def test_estimates_are_kept_apart_per_run_state():
         c.pending.append((i, Draft.chain([99, 98, 97]), fresh))  # wrong
     AutoDrafter._score_pending(c, emitted, 0)
     draft = Draft.chain([1])
-    assert c.stats(draft, copying).rate(1, 0) > 0.9 and c.stats(draft, copying).rate(3, 0) > 0.9
-    assert c.stats(draft, fresh).rate(1, 0) < 0.1
-    assert c.stats(draft, fresh).rate(2, 0) == 0.5  # never reached: still the prior
+    right, wrong = c.estimates.stats(draft, copying), c.estimates.stats(draft, fresh)
+    assert right.rate(1, 0) > 0.9 and right.rate(3, 0) > 0.9
+    assert wrong.rate(1, 0) < 0.1
+    assert wrong.rate(2, 0) == 0.5  # never reached: still the prior
     assert not c.pending  # every proposal could be scored
 
 
 def test_a_drafter_on_a_run_is_presumed_right_until_evidence_says_otherwise():
-    c = Candidate(drafter=None, options=Options(prior_acceptance=0.5))  # type: ignore[arg-type]
+    estimates = Estimates(Options(prior_acceptance=0.5))
     chain, classed = Draft.chain([1]), Draft([1], Tree((-1,)), classes=[3])
-    priors = [c.stats(chain, s).rate(1, 0) for s in range(len(RUN_BOUNDS) + 1)]
+    priors = [estimates.stats(chain, s).rate(1, 0) for s in range(len(RUN_BOUNDS) + 1)]
     assert priors == [max(0.5, p) for p in RUN_PRIORS] and priors[0] == 0.5 < priors[-1]
-    assert c.stats(chain, len(RUN_BOUNDS)).rate(1, 1) == priors[-1] / 2  # still halved per rank
-    d = Candidate(drafter=None, options=Options(prior_acceptance=0.95))  # type: ignore[arg-type]
-    assert {d.stats(classed, s).rate(4, 3) for s in range(len(RUN_BOUNDS) + 1)} == {0.95}
+    assert estimates.stats(chain, len(RUN_BOUNDS)).rate(1, 1) == priors[-1] / 2  # halved per rank
+    confident = Estimates(Options(prior_acceptance=0.95))
+    assert {confident.stats(classed, s).rate(4, 3) for s in range(len(RUN_BOUNDS) + 1)} == {0.95}

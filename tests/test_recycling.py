@@ -33,8 +33,8 @@ def state(tokens, max_draft_tokens: int = 64, max_depth: int = 64) -> DecodeStat
 
 def fill(d: RecyclingDrafter, rows: dict[int, list[int]]) -> None:
     for token, row in rows.items():
-        d.matrix[token] = row
-        d.filled[token] = True
+        d.memory.matrix[token] = row
+        d.memory.filled[token] = True
 
 
 def logits_ranking(*rankings: list[int]) -> torch.Tensor:
@@ -65,11 +65,11 @@ def test_update_stores_each_row_tokens_topk():
     draft = Draft([5, 6, 7], Tree((-1, 0, -1)))
     logits = logits_ranking([1, 2, 3], [4, 5, 6], [7, 8, 9], [9, 10, 11])
     step(d, 4, draft, [0, 1], logits)
-    assert d.matrix[4].tolist() == [1, 2, 3]  # root row
-    assert d.matrix[5].tolist() == [4, 5, 6]  # accepted nodes
-    assert d.matrix[6].tolist() == [7, 8, 9]
-    assert d.matrix[7].tolist() == [9, 10, 11]  # rejected node: recycled too
-    assert d.filled.tolist() == [i in (4, 5, 6, 7) for i in range(VOCAB)]
+    assert d.memory.matrix[4].tolist() == [1, 2, 3]  # root row
+    assert d.memory.matrix[5].tolist() == [4, 5, 6]  # accepted nodes
+    assert d.memory.matrix[6].tolist() == [7, 8, 9]
+    assert d.memory.matrix[7].tolist() == [9, 10, 11]  # rejected node: recycled too
+    assert d.memory.filled.tolist() == [i in (4, 5, 6, 7) for i in range(VOCAB)]
 
 
 def test_update_ignores_aux_rows_and_later_rows_overwrite():
@@ -78,8 +78,8 @@ def test_update_ignores_aux_rows_and_later_rows_overwrite():
     # Next forward: token 4 again (accepted), plus an aux row that must not be read as a node.
     logits = logits_ranking([8, 9, 10], [11, 0, 1], [2, 2, 2])
     step(d, 5, Draft.chain([4]), [0], logits)
-    assert d.matrix[5].tolist() == [8, 9, 10]
-    assert d.matrix[4].tolist() == [11, 0, 1]
+    assert d.memory.matrix[5].tolist() == [8, 9, 10]
+    assert d.memory.matrix[4].tolist() == [11, 0, 1]
 
 
 def test_rejected_rows_are_recycled():
@@ -87,9 +87,9 @@ def test_rejected_rows_are_recycled():
     step(d, 4, Draft.chain([5]), [0], logits_ranking([1, 2, 3], [3, 2, 1]))
     # Tokens 4 (known) and 6 (new) are rejected siblings: both rows are updated.
     step(d, 5, Draft([4, 6], Tree((-1, -1))), [], logits_ranking([8, 9, 10], [11, 0, 1], [7, 8, 9]))
-    assert d.matrix[5].tolist() == [8, 9, 10]
-    assert d.matrix[4].tolist() == [11, 0, 1]
-    assert d.matrix[6].tolist() == [7, 8, 9]
+    assert d.memory.matrix[5].tolist() == [8, 9, 10]
+    assert d.memory.matrix[4].tolist() == [11, 0, 1]
+    assert d.memory.matrix[6].tolist() == [7, 8, 9]
 
 
 def test_repeated_token_keeps_the_most_trusted_row():
@@ -99,13 +99,13 @@ def test_repeated_token_keeps_the_most_trusted_row():
     draft = Draft([5, 3, 3, 5], Tree((-1, -1, 1, 2)))
     logits = logits_ranking([0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 5], [4, 5, 6])
     step(d, 3, draft, [1, 2, 3], logits)
-    assert d.matrix[3].tolist() == [3, 4, 5]  # row of node 2 (deepest accepted 3)
-    assert d.matrix[5].tolist() == [4, 5, 6]  # row of node 3 (accepted), not node 0
+    assert d.memory.matrix[3].tolist() == [3, 4, 5]  # row of node 2 (deepest accepted 3)
+    assert d.memory.matrix[5].tolist() == [4, 5, 6]  # row of node 3 (accepted), not node 0
     step(d, 3, Draft([7, 3], Tree((-1, -1))), [0], logits_ranking([6, 7, 8], [1, 1, 1], [9, 8, 7]))
-    assert d.matrix[3].tolist() == [6, 7, 8]  # the root beats a rejected node
+    assert d.memory.matrix[3].tolist() == [6, 7, 8]  # the root beats a rejected node
     # Two rejected rows of one unknown token: the later row wins.
     step(d, 3, Draft([9, 9], Tree((-1, -1))), [], logits_ranking([6, 7, 8], [0, 1, 2], [2, 1, 0]))
-    assert d.matrix[9].tolist() == [2, 1, 0]
+    assert d.memory.matrix[9].tolist() == [2, 1, 0]
 
 
 def test_expansion_follows_the_template_breadth_first():
@@ -205,7 +205,7 @@ def test_matrix_persistence_across_requests(persist):
 def test_observe_before_any_proposal_is_harmless():
     d = drafter()
     d.observe(Draft.empty(), Verdict([], [3]), ModelOutput(logits_ranking([1, 2, 3])))
-    assert not d.filled.any()
+    assert not d.memory.filled.any()
 
 
 def test_rows_are_also_stored_under_their_two_token_context():
@@ -213,25 +213,26 @@ def test_rows_are_also_stored_under_their_two_token_context():
     draft = Draft([5, 6, 7], Tree((-1, 0, -1)))
     logits = logits_ranking([1, 2, 3], [4, 5, 6], [7, 8, 9], [9, 10, 11])
     step(d, 4, draft, [0], logits, before=2)
-    assert d.pairs.get(2, 4).tolist() == [1, 2, 3]  # root row: token before the root, root
-    assert d.pairs.get(4, 5).tolist() == [4, 5, 6]  # node rows: parent token, node token
-    assert d.pairs.get(5, 6).tolist() == [7, 8, 9]
-    assert d.pairs.get(4, 7).tolist() == [9, 10, 11]
-    assert d.pairs.get(3, 4) is None  # another context of the same token
+    assert d.memory.pairs.get(2, 4).tolist() == [1, 2, 3]  # root row: token before the root, root
+    assert d.memory.pairs.get(4, 5).tolist() == [4, 5, 6]  # node rows: parent token, node token
+    assert d.memory.pairs.get(5, 6).tolist() == [7, 8, 9]
+    assert d.memory.pairs.get(4, 7).tolist() == [9, 10, 11]
+    assert d.memory.pairs.get(3, 4) is None  # another context of the same token
 
 
 def test_no_pair_for_a_root_without_a_predecessor():
     d = drafter()
     step(d, 4, Draft.empty(), [], logits_ranking([1, 2, 3]))
-    assert d.matrix[4].tolist() == [1, 2, 3]
-    assert not (d.pairs.keys >= 0).any()
+    assert d.memory.matrix[4].tolist() == [1, 2, 3]
+    assert not (d.memory.pairs.keys >= 0).any()
 
 
 def test_a_seen_two_token_context_wins_over_the_matrix():
     d = drafter(tree=[[0], [1], [0, 0]])
     fill(d, {1: [2, 3, 4], 2: [5, 6, 7]})
-    d.pairs.put(np.array([0]), np.array([1]), np.array([[9, 10, 11]]))  # after 0, 1: 9, 10, 11
-    d.pairs.put(np.array([1]), np.array([9]), np.array([[8, 8, 8]]))
+    pairs = d.memory.pairs
+    pairs.put(np.array([0]), np.array([1]), np.array([[9, 10, 11]]))  # after 0, 1: 9, 10, 11
+    pairs.put(np.array([1]), np.array([9]), np.array([[8, 8, 8]]))
     draft = d.propose(state([0, 1]))
     assert draft.tokens == [9, 10, 8]  # root (0, 1) and node (1, 9) both from the pair table
     assert draft.classes == [RANK_CLASSES, RANK_CLASSES + 1, RANK_CLASSES]
@@ -244,7 +245,7 @@ def test_pair_context_can_be_switched_off():
     d = drafter(tree=[[0]], pair_context=False)
     fill(d, {1: [2, 3, 4]})
     step(d, 1, Draft.empty(), [], logits_ranking([5, 6, 7]), before=0)
-    assert d.pairs is None
+    assert d.memory.pairs is None
     assert d.propose(state([0, 1])).tokens == [5]
 
 

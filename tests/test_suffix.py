@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onepass.draft import DecodeState, Draft
+from onepass.draft import DecodeState, Draft, Verdict
 from onepass.drafters import DraftContext
 from onepass.drafters.suffix import (
     CorpusIndex,
@@ -19,6 +20,7 @@ from onepass.drafters.suffix import (
     build,
     evidence_class,
 )
+from onepass.models.base import ModelOutput
 
 
 def propose(tokens, budget=12, max_depth=64, corpus=None, **options) -> Draft:
@@ -299,3 +301,66 @@ def test_bad_options_raise(bad):
 def test_budget_comes_from_the_config_else_the_options():
     assert build(Options(), context(k=5)).budget == 5
     assert build(Options(max_nodes=9), context()).budget == 9
+
+
+# --- history of earlier requests -------------------------------------------------------------
+
+QUESTION = [50, 51, 52, 53, 54]  # nothing repeats inside: only a history can draft after it
+ANSWER = [60, 61, 62, 63, 64, 65]
+
+
+def answer(drafter: SuffixDrafter, prompt: list[int], tokens: list[int]) -> list[Draft]:
+    """Drive a drafter as the engine would, the target emitting `tokens` one per step; returns
+    its proposals."""
+    drafter.start(prompt)
+    context, drafts = list(prompt), []
+    for token in tokens:
+        draft = drafter.propose(DecodeState(context, len(prompt), 64, 64))
+        drafts.append(draft)
+        drafter.observe(draft, Verdict([], [token]), ModelOutput(torch.zeros(1, 1)))
+        context.append(token)
+    return drafts
+
+
+def test_a_repeated_prompt_drafts_from_the_history_once_the_first_request_ended():
+    root = SuffixDrafter(Options(history_tokens=100), 12, None)
+    first, second = root.fork(), root.fork()
+    answer(first, QUESTION, ANSWER)  # answered, not finished: still running
+    second.start(QUESTION)
+    assert len(second.propose(DecodeState(QUESTION, 5, 64, 64))) == 0  # nothing seen yet
+    first.finish()
+    later = root.fork()
+    later.start(QUESTION)
+    assert later.propose(DecodeState(QUESTION, 5, 64, 64)).tokens == ANSWER
+    assert root.history.documents[0] == QUESTION + ANSWER
+
+
+def test_a_concurrent_requests_partial_answer_is_never_drafted_from():
+    root = SuffixDrafter(Options(history_tokens=100), 12, None)
+    running = root.fork()
+    answer(running, QUESTION, ANSWER[:3])
+    other = root.fork()
+    drafts = answer(other, [1, *QUESTION], ANSWER[:3])  # the same text, in another request
+    assert all(len(d) == 0 for d in drafts)
+    assert root.history.index is None  # empty until a request ends
+
+
+def test_the_history_is_bounded_and_drops_the_oldest_requests_first():
+    root = SuffixDrafter(Options(history_tokens=20), 12, None)
+    for i in range(6):
+        fork = root.fork()
+        answer(fork, [100 + i, *QUESTION], ANSWER)  # 12 tokens each
+        fork.finish()
+        fork.finish()  # a second finish adds nothing
+        assert root.history.size <= 20
+    assert [d[0] for d in root.history.documents] == [105]  # two would be 24 tokens
+    fork = root.fork()
+    answer(fork, list(range(200, 230)), [])
+    fork.finish()
+    assert list(root.history.documents) == [list(range(210, 230))]  # its last 20 tokens
+
+
+def test_history_option_is_checked():
+    with pytest.raises(ValueError, match="history_tokens"):
+        Options(history_tokens=-1)
+    assert SuffixDrafter(Options(history_tokens=0), 12, None).history is None

@@ -22,8 +22,11 @@ from onepass.sampling import LogitsProcessor, RequestRandomness, SamplingParams
 from onepass.verify import verify
 
 
-class NoDrafter:
+class NoDrafter(Drafter):
     """Plain decoding: never proposes anything."""
+
+    def fork(self) -> NoDrafter:
+        return NoDrafter()
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         pass

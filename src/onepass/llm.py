@@ -174,7 +174,7 @@ class LLM:
         self._check_length(ids, params)
         spec = self._spec(speculative_config)
         with self._exclusive():  # building a drafter may measure the cost curve
-            drafter = self._request_drafter(spec)
+            drafter = self._drafter(spec).fork()
         backend = self.backend.fork(self._request_len(ids, params))
         return self._new_request(backend, ids, text, params, spec, drafter, None, delta=True)
 
@@ -381,12 +381,6 @@ class LLM:
             self._drafters[key] = build_drafter(spec.method, spec.method_options, context)
         return self._drafters[key]
 
-    def _request_drafter(self, spec: SpeculativeConfig | None) -> Drafter:
-        """A drafter of its own for a request that runs beside others."""
-        root = self._drafter(spec)
-        fork = getattr(root, "fork", None)
-        return fork() if fork is not None else self._copy(root)
-
     def _run_all(
         self,
         prompts: Sequence[tuple[list[int], str | None]],
@@ -418,7 +412,7 @@ class LLM:
                     p, index = key = waiting.popleft()
                     ids, text = prompts[p]
                     with self._exclusive():  # building a drafter may measure the cost curve
-                        drafter = self._request_drafter(spec)
+                        drafter = self._drafter(spec).fork()
                     backend = self.backend.fork(self._request_len(ids, params))
                     request = self._new_request(
                         backend, ids, text, params, spec, drafter, rng(p, index), delta=False
@@ -512,7 +506,9 @@ class LLM:
         rng: RequestRandomness | None,
         delta: bool,
     ) -> Iterator[RequestOutput]:
-        drafter = self._drafter(spec)  # before the clock: may measure the cost curve, once
+        # The request's own drafter (its learned state is the config's, shared); built before
+        # the clock: may measure the cost curve, once.
+        drafter = self._drafter(spec).fork()
         request = self._new_request(self.backend, ids, text, params, spec, drafter, rng, delta)
         try:
             while not request.finished:

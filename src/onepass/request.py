@@ -85,14 +85,19 @@ class Request:
         if not assembler.finished and self.decoding.exhausted:
             assembler.finish_length()  # max_tokens emitted or the context window full
         if assembler.finished:
-            self.finished = True
+            self._end()
             metrics.total_seconds = time.perf_counter() - self._start
             return self._output(assembler.delta() if self.delta else assembler.text)
         return self._output(assembler.delta()) if self.delta else None
 
     def close(self) -> None:
         """The request ends here, finished or not."""
-        self.finished = True
+        self._end()
+
+    def _end(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.drafter.finish()  # what the request showed may now serve later ones
 
     def _step_sources(self, step: Step) -> list[str]:
         if step.sources is None:

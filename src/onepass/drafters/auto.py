@@ -31,6 +31,10 @@ what it adds to the whole forward and pays in the whole forward's tokens: the st
 N nodes maximizing (T + E(N)) / t(R + 1 + N), with R the other requests' rows and T the tokens
 they are expected to emit. The larger the batch, the likelier a node must be to pay, so drafts
 shrink toward what pays and speculation does not lower the batch's throughput.
+
+The estimates and time scales are learned across requests (Learned, shared by every fork of
+the drafter, see drafters/base.py); each request forks the candidate drafters and keeps its own
+pending proposals and runs.
 """
 
 from __future__ import annotations
@@ -40,12 +44,16 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from onepass.draft import NODE_CLASSES, DecodeState, Draft, Verdict
 from onepass.drafters import DraftContext, build_drafter, options_class
 from onepass.drafters.base import Drafter
 from onepass.models.base import ModelOutput
 from onepass.tree import Tree
+
+if TYPE_CHECKING:
+    from onepass.cost import CostModel
 
 MAX_PENDING = 64  # proposals awaiting enough emitted tokens to be scored, per drafter
 DEPTHS = 8  # nodes from this depth on share their estimates
@@ -253,10 +261,42 @@ def sub_drafter_config(method: str, max_nodes: int, context: DraftContext) -> tu
     return options, sub_context
 
 
+class Estimates:
+    """What auto learns of one drafter across requests: its acceptance estimates in each run
+    state, keyed by class or by rank as its first draft shows."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.sets: list[NodeStats] | None = None  # per run state, made at the first draft
+
+    def stats(self, draft: Draft, state: int) -> NodeStats:
+        if self.sets is None:
+            make = NodeStats.for_classes if draft.classes is not None else NodeStats.for_ranks
+            prior = self.options.prior_acceptance
+            self.sets = [make(self.options.decay, max(prior, p)) for p in RUN_PRIORS]
+        return self.sets[state]
+
+
+@dataclass
+class Learned:
+    """What auto learns across requests, shared by reference by all its forks."""
+
+    estimates: dict[str, Estimates]
+    """Per candidate drafter."""
+    time_scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    """Observed step time / the cost model's prediction (decaying), for plain steps and for
+    steps that score a draft: the curve is measured apart from decoding, and in a real loop the
+    two kinds of step can drift from it differently (seen with a curve measured under load:
+    multi-row steps ran ~10% dearer relative to single-row ones than it said)."""
+
+
 @dataclass
 class Candidate:
+    """One drafter within a request: its own drafter (a fork), and its record in this request."""
+
     drafter: Drafter
-    options: Options
+    estimates: Estimates
+    """Shared across requests (Learned.estimates)."""
     pending: deque = field(default_factory=lambda: deque(maxlen=MAX_PENDING))
     """(index of the first token after the root, draft, run state) awaiting scoring."""
     run: int = 0
@@ -264,16 +304,6 @@ class Candidate:
     it is copying text the output repeats, when its nodes are far likelier to be accepted."""
     latest: Draft = field(default_factory=Draft.empty)
     """This step's proposal."""
-    _stats: list[NodeStats] | None = None
-
-    def stats(self, draft: Draft, state: int) -> NodeStats:
-        """The drafter's estimates in this run state, keyed by class or by rank as its first
-        draft shows."""
-        if self._stats is None:
-            make = NodeStats.for_classes if draft.classes is not None else NodeStats.for_ranks
-            prior = self.options.prior_acceptance
-            self._stats = [make(self.options.decay, max(prior, p)) for p in RUN_PRIORS]
-        return self._stats[state]
 
     def record(self, emitted: Sequence[int]) -> None:
         """Extend or restart the run with this step's emitted tokens."""
@@ -281,33 +311,41 @@ class Candidate:
         self.run = 0 if n is None else self.run + n
 
 
-class AutoDrafter:
-    def __init__(self, options: Options, context: DraftContext) -> None:
+class AutoDrafter(Drafter):
+    def __init__(
+        self,
+        options: Options,
+        drafters: dict[str, Drafter],
+        cost: CostModel | None,
+        max_nodes: int,
+        learned: Learned | None = None,
+    ) -> None:
         self.options = options
-        self.max_nodes = min(options.max_nodes, context.num_speculative_tokens or 64)
-        self.candidates = {
-            m: Candidate(
-                build_drafter(m, *sub_drafter_config(m, self.max_nodes, context)),
-                options,
-            )
-            for m in options.methods
-        }
-        self.cost = context.cost_model() if callable(context.cost_model) else context.cost_model
-        # Observed step time / the cost model's prediction (decaying), for plain steps and for
-        # steps that score a draft: the curve is measured apart from decoding, and in a real
-        # loop the two kinds of step can drift from it differently (seen with a curve measured
-        # under load: multi-row steps ran ~10% dearer relative to single-row ones than it said).
-        self.time_scale = [1.0, 1.0]
+        self.cost = cost  # the backend's cost curve (None: rows priced alike)
+        self.max_nodes = max_nodes
+        if learned is None:
+            learned = Learned({m: Estimates(options) for m in drafters})
+        self.learned = learned  # shared with every fork
+        # This request's own: the candidates' drafters and records, and the step in flight.
+        self.candidates = {m: Candidate(d, learned.estimates[m]) for m, d in drafters.items()}
         self.tokens: Sequence[int] = []
         self.step_started: float | None = None
         self.rows = 1
         self.context = 0  # committed tokens + the root when the step was proposed
+
+    def fork(self) -> AutoDrafter:
+        drafters = {m: c.drafter.fork() for m, c in self.candidates.items()}
+        return AutoDrafter(self.options, drafters, self.cost, self.max_nodes, self.learned)
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         for c in self.candidates.values():
             c.drafter.start(prompt_ids)
             c.pending.clear()
             c.run, c.latest = 0, Draft.empty()
+
+    def finish(self) -> None:
+        for c in self.candidates.values():
+            c.drafter.finish()
 
     def propose(self, state: DecodeState) -> Draft:
         self.tokens = state.tokens
@@ -317,7 +355,7 @@ class AutoDrafter:
             if len(draft):
                 run = run_state(c.run)
                 c.pending.append((len(state.tokens), draft, run))
-                merged.add(draft, c.stats(draft, run), method)
+                merged.add(draft, c.estimates.stats(draft, run), method)
         best = self.best_draft(merged, state)
         self.rows = 1 + len(best)
         # A shared forward's time is not this request's: only steps run alone rescale the curve.
@@ -346,14 +384,14 @@ class AutoDrafter:
 
     def learn_step_time(self, elapsed: float) -> None:
         """Fold the last step's measured time into the scale for its kind of step."""
-        kind = self.rows > 1
+        kind, scale = self.rows > 1, self.learned.time_scale
         ratio = elapsed / self.cost(self.rows, self.context)
-        self.time_scale[kind] = 0.9 * self.time_scale[kind] + 0.1 * ratio
+        scale[kind] = 0.9 * scale[kind] + 0.1 * ratio
 
     def _time(self, rows: int) -> float:
         if self.cost is None:
             return float(rows)
-        return self.cost(rows, self.context) * self.time_scale[rows > 1]
+        return self.cost(rows, self.context) * self.learned.time_scale[rows > 1]
 
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
         if self.cost is not None and self.step_started is not None:
@@ -376,11 +414,16 @@ class AutoDrafter:
             if events is None:
                 still.append((first_index, draft, run))
                 continue
-            stats = c.stats(draft, run)
+            stats = c.estimates.stats(draft, run)
             for depth, slot, hit in events:
                 stats.update(depth, slot, hit)
         c.pending = still
 
 
 def build(options: Options, context: DraftContext) -> AutoDrafter:
-    return AutoDrafter(options, context)
+    max_nodes = min(options.max_nodes, context.num_speculative_tokens or 64)
+    drafters = {
+        m: build_drafter(m, *sub_drafter_config(m, max_nodes, context)) for m in options.methods
+    }
+    cost = context.cost_model() if callable(context.cost_model) else context.cost_model
+    return AutoDrafter(options, drafters, cost, max_nodes)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from onepass.draft import DecodeState, Draft, Verdict
+from onepass.drafters.base import Drafter
 from onepass.errors import ModelLoadError
 from onepass.models.base import ModelOutput
 from onepass.sampling import warp
@@ -75,12 +76,19 @@ def check_vocabularies(target: Any, draft: Any, draft_name: str) -> None:
         )
 
 
-class DraftModelDrafter:
+class DraftModelDrafter(Drafter):
     def __init__(self, options: Options, decoder: NativeDecoder, max_tokens: int) -> None:
         self.options = options
-        self.decoder = decoder  # the draft model, with its own KV cache
+        # The draft model: its weights are shared with every fork's decoder, its KV cache is
+        # this request's own.
+        self.decoder = decoder
         self.max_tokens = max_tokens
         self.written = 0  # draft cache rows holding request tokens the verdict has confirmed
+
+    def fork(self) -> DraftModelDrafter:
+        # A full-length cache: the request's length is not known yet, and the cache's rows are
+        # allocated untouched (torch.empty), so the rows it never writes cost no memory.
+        return DraftModelDrafter(self.options, self.decoder.fork(), self.max_tokens)
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         # All but the last prompt token: the first proposal feeds it with the first output.

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from onepass.draft import DecodeState, Draft, Verdict
+from onepass.drafters.base import Drafter
 from onepass.models.base import ModelOutput
 from onepass.top_tokens import row_argmax
 from onepass.tree import Tree
@@ -146,7 +147,9 @@ def window_mask(level: int, window: int, num_nodes: int) -> Tensor:
     return mask
 
 
-class LookaheadDrafter:
+class LookaheadDrafter(Drafter):
+    """Learns nothing across requests: its pool and window are the request's own."""
+
     def __init__(self, options: Options, max_nodes: int | None) -> None:
         self.options = options
         self.cells = window_cells(options.level, options.window_size)
@@ -155,6 +158,9 @@ class LookaheadDrafter:
         self.offsets = window_offsets(options.level, options.window_size)
         self.masks: dict[int, Tensor] = {}  # num_nodes -> aux mask (a few sizes recur)
         self.start([0])  # usable before the first request; start() resets per request
+
+    def fork(self) -> LookaheadDrafter:
+        return LookaheadDrafter(self.options, self.max_nodes)
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         o = self.options

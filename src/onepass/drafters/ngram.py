@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onepass.draft import DecodeState, Draft, Verdict
+from onepass.drafters.base import Drafter
 from onepass.models.base import ModelOutput
 
 
@@ -66,11 +67,16 @@ class TokenBuffer:
         return self.data[: self.length]
 
 
-class NgramDrafter:
+class NgramDrafter(Drafter):
+    """Learns nothing across requests: all its state is the request's tokens."""
+
     def __init__(self, options: Options, k: int) -> None:
         self.options = options
         self.k = k
         self.buffer = TokenBuffer()
+
+    def fork(self) -> NgramDrafter:
+        return NgramDrafter(self.options, self.k)
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         self.buffer = TokenBuffer()

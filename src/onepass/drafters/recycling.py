@@ -11,6 +11,9 @@ candidate tokens every target forward produces and plain decoding throws away.
   r_{d-1}). Nodes whose parent's row was never filled are pruned (their token is unknown).
 * Drafts are deterministic (draft_probs=None); the verifier is chosen centrally.
 * M persists across requests by default: it is a model-wide bigram memory, the method's point.
+  The memory (M and the table below) is the drafter's learned state, shared by its forks (one
+  per request, see drafters/base.py) and updated by each after its steps; the root and the
+  token before it are the request's own.
 * Beyond the paper, a second memory keys the same top-k by the two-token context (previous
   token, token): a hash table with one entry per slot, the newest row winning. A node reads its
   candidates there when its context (parent and grandparent, or the root and the token before
@@ -39,6 +42,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from onepass.draft import NODE_CLASSES, DecodeState, Draft, Verdict
+from onepass.drafters.base import Drafter
 from onepass.models.base import ModelOutput
 from onepass.top_tokens import row_top_k
 from onepass.tree import Tree
@@ -139,26 +143,20 @@ class PairTable:
         self.rows[slots] = rows[list(last.values())]
 
 
-class RecyclingDrafter:
-    def __init__(self, options: Options, vocab_size: int, max_nodes: int | None = None) -> None:
-        self.options = options
-        # The default template, cut to the ranks top_k stores (top_k=1: a chain).
-        default = [path for path in DEFAULT_TREE if max(path) < options.top_k]
-        self.template = Template(options.tree or default)
-        self.max_nodes = len(self.template) if max_nodes is None else max_nodes
-        # int32: 49k tokens x 8 candidates = 1.5 MB, as in the paper.
-        self.matrix = np.zeros((vocab_size, options.top_k), dtype=np.int32)  # [vocab, k]
-        self.filled = np.zeros(vocab_size, dtype=bool)  # [vocab]
-        self.pairs = PairTable(vocab_size, options.top_k) if options.pair_context else None
-        self.root: int | None = None
-        self.before_root = -1  # the token before the root (-1 = none)
+class Memory:
+    """What Token Recycling learns across requests (shared by a drafter's forks): the adjacency
+    matrix and the two-token table."""
 
-    def start(self, prompt_ids: Sequence[int]) -> None:
-        self.root = None
-        if not self.options.persist:
-            self.filled[:] = False  # stale rows are never read while unfilled
-            if self.pairs is not None:
-                self.pairs.clear()
+    def __init__(self, vocab_size: int, top_k: int, pair_context: bool) -> None:
+        # int32: 49k tokens x 8 candidates = 1.5 MB, as in the paper.
+        self.matrix = np.zeros((vocab_size, top_k), dtype=np.int32)  # [vocab, k]
+        self.filled = np.zeros(vocab_size, dtype=bool)  # [vocab]
+        self.pairs = PairTable(vocab_size, top_k) if pair_context else None
+
+    def clear(self) -> None:
+        self.filled[:] = False  # stale rows are never read while unfilled
+        if self.pairs is not None:
+            self.pairs.clear()
 
     def candidates(self, before: int, token: int) -> tuple[np.ndarray | None, bool]:
         """The candidates after `token` preceded by `before` (-1 = none), and whether they came
@@ -168,6 +166,46 @@ class RecyclingDrafter:
             if row is not None:
                 return row, True
         return (self.matrix[token], False) if self.filled[token] else (None, False)
+
+    def update(self, row_tokens: Sequence[int], top: np.ndarray) -> None:
+        """M[row_tokens[j]] = top[j] ([r] and [r, k]); for repeated tokens the last row wins."""
+        last = {int(t): j for j, t in enumerate(row_tokens)}  # Python: np.unique costs ~10x
+        tokens = list(last)
+        self.matrix[tokens] = top[list(last.values())]
+        self.filled[tokens] = True
+
+
+class RecyclingDrafter(Drafter):
+    def __init__(
+        self,
+        options: Options,
+        vocab_size: int,
+        max_nodes: int | None = None,
+        memory: Memory | None = None,
+    ) -> None:
+        self.options = options
+        self.vocab_size = vocab_size
+        # The default template, cut to the ranks top_k stores (top_k=1: a chain).
+        default = [path for path in DEFAULT_TREE if max(path) < options.top_k]
+        self.template = Template(options.tree or default)
+        self.max_nodes = len(self.template) if max_nodes is None else max_nodes
+        # Learned across requests (with persist), shared by reference with every fork.
+        if memory is None:
+            memory = Memory(vocab_size, options.top_k, options.pair_context)
+        self.memory = memory
+        # This request's: the root of the last proposal and the token before it (-1 = none).
+        self.root: int | None = None
+        self.before_root = -1
+
+    def fork(self) -> RecyclingDrafter:
+        # Without persist the memory is the request's own: a fork starts with an empty one.
+        memory = self.memory if self.options.persist else None
+        return RecyclingDrafter(self.options, self.vocab_size, self.max_nodes, memory)
+
+    def start(self, prompt_ids: Sequence[int]) -> None:
+        self.root = None
+        if not self.options.persist:
+            self.memory.clear()
 
     def propose(self, state: DecodeState) -> Draft:
         root = self.root = state.tokens[-1]
@@ -195,7 +233,7 @@ class RecyclingDrafter:
                 grandparent = parents[parent_node]
                 parent_token = tokens[parent_node]
                 before = root if grandparent < 0 else tokens[grandparent]
-            row, paired = self.candidates(before, parent_token)
+            row, paired = self.memory.candidates(before, parent_token)
             if row is None:
                 node_of.append(-1)
                 continue
@@ -214,19 +252,13 @@ class RecyclingDrafter:
         top = row_top_k(out.logits[: n + 1], self.options.top_k).cpu().numpy()  # [n + 1, k]
         row_tokens = [self.root, *draft.tokens]
         rows = update_order(n, verdict.path)  # in increasing priority
-        self.update([row_tokens[r] for r in rows], top[rows])
-        if self.pairs is not None:
+        self.memory.update([row_tokens[r] for r in rows], top[rows])
+        if self.memory.pairs is not None:
             # Each row's context: the token before the root, or the node's parent.
             before = [self.before_root, *(row_tokens[p + 1] for p in draft.tree.parents)]
             seen = [r for r in rows if before[r] >= 0]
-            self.pairs.put([before[r] for r in seen], [row_tokens[r] for r in seen], top[seen])
-
-    def update(self, row_tokens: Sequence[int], top: np.ndarray) -> None:
-        """M[row_tokens[j]] = top[j] ([r] and [r, k]); for repeated tokens the last row wins."""
-        last = {int(t): j for j, t in enumerate(row_tokens)}  # Python: np.unique costs ~10x
-        tokens = list(last)
-        self.matrix[tokens] = top[list(last.values())]
-        self.filled[tokens] = True
+            pairs = self.memory.pairs
+            pairs.put([before[r] for r in seen], [row_tokens[r] for r in seen], top[seen])
 
 
 def update_order(n: int, path: Sequence[int]) -> list[int]:
