@@ -29,8 +29,10 @@ inline IVec load_u16(const uint16_t* p) {
   return {_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
 }
 inline IVec load_u32(const uint32_t* p) { return {_mm512_loadu_si512(p)}; }
-inline IVec shr(IVec a, int n) { return {_mm512_srlv_epi32(a.v, _mm512_set1_epi32(n))}; }
-inline IVec shl(IVec a, int n) { return {_mm512_sllv_epi32(a.v, _mm512_set1_epi32(n))}; }
+// Logical shifts of every lane by n (an immediate when n is a constant, else a count register,
+// never a vector of counts: no register held for it).
+inline IVec shr(IVec a, int n) { return {_mm512_srli_epi32(a.v, static_cast<unsigned>(n))}; }
+inline IVec shl(IVec a, int n) { return {_mm512_slli_epi32(a.v, static_cast<unsigned>(n))}; }
 inline IVec bits_and(IVec a, uint32_t mask) {
   return {_mm512_and_si512(a.v, _mm512_set1_epi32(static_cast<int>(mask)))};
 }
@@ -63,8 +65,8 @@ inline IVec load_u16(const uint16_t* p) {
 inline IVec load_u32(const uint32_t* p) {
   return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))};
 }
-inline IVec shr(IVec a, int n) { return {_mm256_srlv_epi32(a.v, _mm256_set1_epi32(n))}; }
-inline IVec shl(IVec a, int n) { return {_mm256_sllv_epi32(a.v, _mm256_set1_epi32(n))}; }
+inline IVec shr(IVec a, int n) { return {_mm256_srli_epi32(a.v, n)}; }
+inline IVec shl(IVec a, int n) { return {_mm256_slli_epi32(a.v, n)}; }
 inline IVec bits_and(IVec a, uint32_t mask) {
   return {_mm256_and_si256(a.v, _mm256_set1_epi32(static_cast<int>(mask)))};
 }
