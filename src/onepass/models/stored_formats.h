@@ -11,12 +11,13 @@
 //   Q6_K  (d * sc) * (q - 32), sc an int8 scale per 16 values
 //   F16   the fp16 value          BF16  the 16 bits over a zero low half
 // d, m, dmin are fp16 converted to fp32 first, quants are small integers (exact in fp32). Every
-// product is exact in fp32: d has 11 significant bits, sc at most 7 (int8) or 6, q at most 6,
-// so d * sc * q has at most 24 and is never rounded (fp16's exponent range times these integers
-// stays inside fp32's normal range). So `mul` computes the reference's products exactly, and
-// where the reference adds a term after a product (Q4_1, Q5_1, the K-quants' min), fmadd(a, b, c)
-// rounds the exact a * b + c once, which is the reference's single rounding of its addition
-// (tests/test_stored_weights.py checks the bound on significant bits exhaustively).
+// product is exact in fp32: d has at most 11 significant bits, an int8 at most 7, so d * q
+// (Q8_0's int8 q bounds the legacy formats' quants) has at most 18, and d * sc * q at most
+// 11 + 7 + 5 = 23 (sc: 6 bits or Q6_K's int8; q: -32..31), never rounded (fp16's exponents
+// times these integers stay inside fp32's normal range). So `mul` computes the reference's
+// products exactly, and where the reference adds a term after a product (Q4_1, Q5_1, the
+// K-quants' min) fmadd(a, b, c) rounds the exact a * b + c once: the reference's one rounding,
+// of its addition (tests/test_stored_weights.py checks these products exhaustively).
 //
 // Layout. A packed block holds one tile's kTile columns for kValues values of k (a GGUF block;
 // 32 for half precision), split into groups of kGroupValues rows sharing their scales:

@@ -130,7 +130,8 @@ void block(const float* x, int64_t ldx, const uint8_t* w, const float* g, float*
 template <class F>
 struct Kernel {
   // Rows per block: the accumulators, the group's live registers (scales, high bits, widened
-  // weights), the broadcast row value and the column scale. AVX-512 and NEON: 11-14; AVX2: 3-6.
+  // weights), the broadcast row value and the column scale. AVX-512 and NEON: 11 (Q5_1, Q5_K)
+  // to 14 (F16, BF16); AVX2: 3 to 6.
   static constexpr int kMaxRows = (kRegisters - F::kLive - 2) / kTileRegisters;
   // Blocks per chunk: about 16 KB, which the first block of rows pulls from memory and the
   // other blocks read from L1.
