@@ -74,7 +74,8 @@ def pack(kernels: Any, parts: Sequence[StoredTensor]) -> torch.Tensor:
     """The rows of `parts` (one width, any supported types: e.g. a Q4_K q and k and a Q6_K v),
     one after another, in the layout of the ISA's stored GEMM (kernels: cpu_kernels.ops())."""
     if not packable(parts):
-        raise ValueError(f"not packable together (one width, at most {MAX_RUNS} formats): {parts}")
+        kinds = [(p.ggml_type, p.shape) if isinstance(p, StoredTensor) else p for p in parts]
+        raise ValueError(f"not one stored weight (one width, at most {MAX_RUNS} runs): {kinds}")
     return kernels.stored_pack([p.blocks() for p in parts], [p.ggml_type for p in parts])
 
 
@@ -95,9 +96,8 @@ def load_gguf_stored(
 ) -> tuple[ModelConfig, dict[str, torch.Tensor | StoredTensor]]:
     """Config and weights (Hugging Face names) of a Llama-family GGUF file: matrices in one of
     SUPPORTED_TYPES as StoredTensor over the memory-mapped file, the others dequantized to
-    float32. The q/k
-    rows of `llama` models are put back in Hugging Face's order as models/gguf.py does, as a
-    permutation of whole rows of blocks."""
+    float32. The q/k rows of `llama` models are put back in Hugging Face's order as
+    models/gguf.py does, as a permutation of whole rows of blocks."""
     from gguf import quants
 
     reader = open_gguf(path)
