@@ -48,8 +48,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--weights",
         default="float32",
         choices=["float32", "stored"],
-        help="a GGUF's weights dequantized to float32 at load, or kept in their stored Q8_0 / "
-        "Q4_1 blocks and widened in the CPU kernels: the same output, less memory, faster steps "
+        help="a GGUF's weights dequantized to float32 at load, or kept as stored (GGUF Q4_0, "
+        "Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16; bf16 / fp16 safetensors) and "
+        "widened in the CPU kernels: the same output, less memory, faster steps "
         "(default: %(default)s)",
     )
     g.add_argument(

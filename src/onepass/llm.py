@@ -68,9 +68,11 @@ class LLM:
         """model: "default" (SmolLM2-135M-Instruct, embedded), a .gguf file or a local Hugging
         Face model directory. speculative_config: vLLM-style dict or JSON; None = plain
         decoding. max_model_len: context window (prompt + output) to allocate the KV cache for.
-        weights: "float32" (a GGUF dequantized at load, the reference) or "stored" (its Q8_0 /
-        Q4_1 blocks kept in memory and widened by the CPU kernels: the same logits bit for bit,
-        less memory, faster steps; opt-in while it is new)."""
+        weights: "float32" (a GGUF dequantized at load, the reference) or "stored" (a GGUF's
+        quantized blocks — Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K — and half-precision
+        tensors, or a Hugging Face directory's bf16 / fp16 matrices, kept in memory as stored
+        and widened by the CPU kernels: the same logits bit for bit, less memory, faster steps;
+        opt-in while it is new)."""
         if dtype not in _DTYPES:
             raise InputError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
         self.speculative_config = SpeculativeConfig.parse(speculative_config)

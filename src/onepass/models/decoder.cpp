@@ -420,7 +420,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, double eps, const std::vector<a
   // format's blocks (stored_pack) with the RMSNorm weight as a column scale: the same values.
   auto project = [&](const at::Tensor& input, int64_t j) {
     at::Tensor y;
-    if (stored_format(packed[j])) {
+    if (is_stored(packed[j])) {
       y = at::empty({input.size(0), out_features[j]}, input.options());
       stored_gemm_into(input.contiguous(), packed[j], scales.get(j), out_features[j], y);
     } else {

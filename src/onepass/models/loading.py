@@ -21,8 +21,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from onepass.cache import (
     MARKER,
     MODELS_DIR,
@@ -72,14 +70,17 @@ def default_model_path() -> Path:
 
 
 WEIGHTS = ("float32", "stored")
-"""How a GGUF's weights are held: dequantized to float32 (converted once into the cache), or
-"stored": Q8_0 / Q4_1 tensors left in their blocks in the memory-mapped file (models/stored.py)
-for the CPU kernels to widen in registers, to the same values."""
+"""How the weights are held: "float32", a GGUF dequantized to float32 (converted once into the
+cache) and a Hugging Face directory's tensors as its files store them (converted to float32 by
+the decoder); or "stored": a GGUF's quantized (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)
+and half-precision tensors, and a Hugging Face directory's bf16 / fp16 matrices, left as stored
+in the memory-mapped files (models/stored.py) for the CPU kernels to widen in registers, to the
+same values."""
 
 
 def load_model(spec: str, cache_dir: Path | None = None, weights: str = "float32") -> LoadedModel:
     """Load weights, config and tokenizer for "default", a .gguf path or an HF directory.
-    weights: one of WEIGHTS (a Hugging Face directory's weights load as they are either way)."""
+    weights: one of WEIGHTS."""
     if weights not in WEIGHTS:
         raise ModelLoadError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     if spec == DEFAULT_MODEL:
@@ -93,7 +94,7 @@ def load_model(spec: str, cache_dir: Path | None = None, weights: str = "float32
                 "Hugging Face model directory (nothing is downloaded)"
             )
     if path.is_dir():
-        return _load_hf_dir(path, name)
+        return _load_hf_dir(path, name, stored=weights == "stored")
     if path.suffix != ".gguf":
         raise ModelLoadError(f"{path}: expected a .gguf file or a model directory")
     if weights == "stored":
@@ -119,8 +120,19 @@ def _load_gguf_stored(path: Path, name: str, cache_root: Path) -> LoadedModel:
     return LoadedModel(name, config, weights, tokenizer, fingerprint)
 
 
-def _load_hf_dir(path: Path, name: str) -> LoadedModel:
+def _load_hf_dir(path: Path, name: str, stored: bool = False) -> LoadedModel:
+    config, weights = load_hf_weights(path, stored)
+    files = sorted(path.glob("*.safetensors"))
+    fingerprint = _hf_fingerprint(path, files)
+    return LoadedModel(name, config, weights, _load_tokenizer(path), fingerprint)
+
+
+def load_hf_weights(path: Path, stored: bool = False) -> tuple[ModelConfig, dict[str, Any]]:
+    """Config and weights of a Hugging Face model directory, as its safetensors files store
+    them; stored: bf16 / fp16 matrices as StoredTensor over the mapped files (models/stored.py)."""
     from safetensors.torch import load_file
+
+    from onepass.models.stored import load_safetensors_stored
 
     config_file = path / "config.json"
     if not config_file.exists():
@@ -132,14 +144,15 @@ def _load_hf_dir(path: Path, name: str) -> LoadedModel:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path} has no .safetensors weights")
-    weights: dict[str, torch.Tensor] = {}
+    if stored:
+        return config, load_safetensors_stored(files)
+    weights: dict[str, Any] = {}
     for file in files:
         try:
             weights.update(load_file(file))
         except Exception as e:  # safetensors raises its own error types on damaged files
             raise ModelLoadError(f"{file} is not a readable safetensors file ({e})") from None
-    fingerprint = _hf_fingerprint(path, files)
-    return LoadedModel(name, config, weights, _load_tokenizer(path), fingerprint)
+    return config, weights
 
 
 def _load_tokenizer(path: Path, **kwargs: Any) -> Any:

@@ -1,18 +1,23 @@
-"""Weights as stored: a GGUF file's Q8_0 and Q4_1 tensors left in their blocks (memory-mapped),
-for the CPU kernels to widen in registers (stored_gemm.cpp) to exactly the values the `gguf`
-package's dequantization gives. The logits then equal those of the weights dequantized at load
-(the "float32" reference) bit for bit, from a fifth of the memory traffic for Q4_1.
+"""Weights as stored: a GGUF file's quantized tensors (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and the
+K-quants Q4_K, Q5_K, Q6_K) and half-precision ones (F16, BF16; also a Hugging Face model's
+bf16 / fp16 safetensors) left in their blocks (memory-mapped), for the CPU kernels to widen in
+registers (stored_gemm.cpp, stored_formats.h) to exactly the values the `gguf` package's
+dequantization gives. The logits then equal those of the weights dequantized at load (the
+"float32" reference) bit for bit, from a fifth of the memory traffic for Q4_1.
 
-`load_gguf_stored` reads a file without converting it: tensors in a supported format become
-StoredTensor (raw blocks plus the order of their rows), the others are dequantized to float32
-as models/gguf.py does. The decoder packs a StoredTensor for its ISA at load
-(`StoredTensor.pack`) and can always fall back to `dequantize()`.
+`load_gguf_stored` reads a file without converting it, `load_safetensors_stored` a Hugging Face
+model's weight files: tensors in a supported format become StoredTensor (raw blocks plus the
+order of their rows), the others are read as float tensors (a GGUF's dequantized to float32 as
+models/gguf.py does). The decoder packs StoredTensors for its ISA at load (`pack`) and can
+always fall back to `dequantize()`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +29,16 @@ from onepass.models.config import ModelConfig
 from onepass.models.gguf import hf_name, open_gguf, undo_rope_permutation
 
 # GGML type ids the kernels widen (gguf.GGMLQuantizationType).
-Q4_1, Q8_0 = 3, 8
-SUPPORTED_TYPES = (Q4_1, Q8_0)
+F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
+SUPPORTED_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16)
 
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """A 2-D GGUF tensor in its blocks: `raw` [stored rows, bytes per row] (a memmap of the
-    file), its GGML type, and `rows`, the stored row of each logical row (a row permutation
-    applied without touching the blocks: a row holds whole blocks)."""
+    """A 2-D tensor in its stored format: `raw` uint8 [stored rows, bytes per row] (a memmap of
+    the file: GGUF blocks, or 16-bit values), its GGML type, and `rows`, the stored row of each
+    logical row (a row permutation applied without touching the blocks: a row holds whole
+    blocks)."""
 
     raw: np.ndarray
     ggml_type: int
@@ -60,21 +66,25 @@ class StoredTensor:
         return torch.from_numpy(np.ascontiguousarray(self.raw[self.rows]))
 
 
+# Runs of one format a packed weight holds at most (stored_gemm.cpp's kMaxParts).
+MAX_RUNS = 6
+
+
 def pack(kernels: Any, parts: Sequence[StoredTensor]) -> torch.Tensor:
-    """The rows of `parts` (one GGML type, one width), one after another, in the layout of the
-    ISA's stored GEMM (kernels: cpu_kernels.ops())."""
-    kinds = {(p.ggml_type, p.columns) for p in parts}
-    if len(kinds) != 1:
-        raise ValueError(f"cannot pack tensors of different types or widths together: {kinds}")
-    blocks = torch.cat([p.blocks() for p in parts]) if len(parts) > 1 else parts[0].blocks()
-    return kernels.stored_pack(blocks, parts[0].ggml_type, None)
+    """The rows of `parts` (one width, any supported types: e.g. a Q4_K q and k and a Q6_K v),
+    one after another, in the layout of the ISA's stored GEMM (kernels: cpu_kernels.ops())."""
+    if not packable(parts):
+        kinds = [(p.ggml_type, p.shape) if isinstance(p, StoredTensor) else p for p in parts]
+        raise ValueError(f"not one stored weight (one width, at most {MAX_RUNS} runs): {kinds}")
+    return kernels.stored_pack([p.blocks() for p in parts], [p.ggml_type for p in parts])
 
 
 def packable(parts: Sequence[Any]) -> bool:
-    """Whether `parts` can be packed together as stored weights."""
-    return all(isinstance(p, StoredTensor) for p in parts) and (
-        len({(p.ggml_type, p.columns) for p in parts}) == 1
-    )
+    """Whether `parts` can be packed together as one stored weight."""
+    if not parts or not all(isinstance(p, StoredTensor) for p in parts):
+        return False
+    runs = 1 + sum(a.ggml_type != b.ggml_type for a, b in pairwise(parts))
+    return len({p.columns for p in parts}) == 1 and runs <= MAX_RUNS
 
 
 def dequantized(t: torch.Tensor | StoredTensor) -> torch.Tensor:
@@ -84,10 +94,10 @@ def dequantized(t: torch.Tensor | StoredTensor) -> torch.Tensor:
 def load_gguf_stored(
     path: Path,
 ) -> tuple[ModelConfig, dict[str, torch.Tensor | StoredTensor]]:
-    """Config and weights (Hugging Face names) of a Llama-family GGUF file: Q8_0 / Q4_1 matrices
-    as StoredTensor over the memory-mapped file, the others dequantized to float32. The q/k
-    rows of `llama` models are put back in Hugging Face's order as models/gguf.py does, as a
-    permutation of whole rows of blocks."""
+    """Config and weights (Hugging Face names) of a Llama-family GGUF file: matrices in one of
+    SUPPORTED_TYPES as StoredTensor over the memory-mapped file, the others dequantized to
+    float32. The q/k rows of `llama` models are put back in Hugging Face's order as
+    models/gguf.py does, as a permutation of whole rows of blocks."""
     from gguf import quants
 
     reader = open_gguf(path)
@@ -113,7 +123,7 @@ def load_gguf_stored(
             if kind in SUPPORTED_TYPES and tensor.data.ndim == 2:
                 rows = tensor.data.shape[0]
                 stored = StoredTensor(
-                    tensor.data,
+                    tensor.data.view(np.uint8),  # F16 tensors are read as values
                     kind,
                     int(tensor.shape[0]),
                     np.arange(rows, dtype=np.int64),
@@ -133,3 +143,38 @@ def load_gguf_stored(
     if missing:
         raise ModelLoadError(f"{path}: missing tensors {missing}")
     return config, weights
+
+
+# safetensors dtypes kept as stored, as the GGML type of the same 16-bit values.
+_HALF_DTYPES = {"BF16": BF16, "F16": F16}
+
+
+def load_safetensors_stored(files: Sequence[Path]) -> dict[str, torch.Tensor | StoredTensor]:
+    """A Hugging Face model's weights from its .safetensors files: bf16 / fp16 matrices as
+    StoredTensor over the memory-mapped file (F16 / BF16, whose widening to float32 is exact),
+    the other tensors as safetensors reads them (the decoder converts them to its dtype)."""
+    from safetensors import safe_open
+
+    weights: dict[str, torch.Tensor | StoredTensor] = {}
+    for file in files:
+        try:
+            data = np.memmap(file, mode="r")
+            size = int(np.frombuffer(data[:8], "<u8")[0])
+            header = json.loads(data[8 : 8 + size].tobytes())
+            with safe_open(file, framework="pt") as reader:
+                for name, info in header.items():
+                    if name == "__metadata__":
+                        continue
+                    kind, shape = _HALF_DTYPES.get(info["dtype"]), info["shape"]
+                    if kind is None or len(shape) != 2:
+                        weights[name] = reader.get_tensor(name)
+                        continue
+                    begin, end = (8 + size + int(o) for o in info["data_offsets"])
+                    rows, columns = int(shape[0]), int(shape[1])
+                    raw = data[begin:end].reshape(rows, 2 * columns)
+                    weights[name] = StoredTensor(
+                        raw, kind, columns, np.arange(rows, dtype=np.int64)
+                    )
+        except Exception as e:  # safetensors raises its own error types on damaged files
+            raise ModelLoadError(f"{file} is not a readable safetensors file ({e})") from None
+    return weights

@@ -1,137 +1,122 @@
-// y = x @ W.T for a few rows x against a weight W kept in its GGUF format (Q8_0, Q4_1), widened
-// to fp32 in registers (simd.h, widen.h).
+// y = x @ W.T for a few rows x against a weight W kept in its stored format (GGUF's Q4_0, Q4_1,
+// Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, or half precision), widened to fp32 in registers
+// (stored_formats.h over simd.h and widen.h).
 //
-// Why: a decoding step streams every weight; the default model's Q4_1 blocks are 5 bits a
-// weight against fp32's 32. The widened values are exactly those of the `gguf` package's
-// dequantization (gguf.quants: Q8_0 = d * q, Q4_1 = (d * q) + m, d and m fp16 -> fp32), and each
-// output then sums its K products in order with one FMA each, starting from zero, as
-// small_gemm.cpp does: the result equals small_gemm on the dequantized weight bit for bit, and a
-// row does not depend on the other rows.
-//
-// Exactness of the widening: fp16 -> fp32 and int -> fp32 conversions are exact. d has at most
-// 11 significant bits and q at most 8 (Q8_0) or 4 (Q4_1), so d * q is exact in fp32 (24 bits);
-// then Q8_0's mul(d, q) is that exact product, and Q4_1's fmadd(d, q, m) rounds d * q + m once,
-// as numpy's (d * q) + m does (its product rounds to itself).
+// Why: a decoding step streams every weight; a Q4_1 weight is 5 bits against fp32's 32, a
+// K-quant 4.5-6.6. The widened values are exactly those of the `gguf` package's dequantization
+// (stored_formats.h says why), and each output then sums its K products in order with one FMA
+// each, starting from zero, as small_gemm.cpp does: the result equals small_gemm on the
+// dequantized weight bit for bit, and a row does not depend on the other rows.
 //
 // RMSNorm weights g folded into a projection (llama.py: W * g, one rounding per weight) come
 // along as a column scale: the widened weight is multiplied by g[k], the same rounding.
 //
-// Layout (stored_pack): per tile of kTile output columns, per block of 32 values of k:
-//   Q8_0: d[kTile] fp16 | q[32][kTile] int8                                  34 * kTile bytes
-//   Q4_1: d[kTile] fp16 | m[kTile] fp16 | q[32][kLanes] bytes                20 * kTile bytes
-// Q4_1's byte j of row k holds column j in its low nibble and column kLanes + j in its high
-// nibble: one load and an and / a shift widen the tile's two registers. The kernel reads a
-// tile's blocks in k order, a contiguous stream, as it reads small_gemm's fp32 tiles; a block's
-// scales stay in registers for its 32 rows. The packed tensor is [tiles][K / 32][block bytes],
-// int8 for Q8_0 and uint8 for Q4_1: its dtype names its format.
+// A packed weight (stored_pack) is one uint8 tensor: a header, then its parts, each a run of
+// output columns in one format (a projection may concatenate tensors stored differently, as
+// Q4_K_M files store attn_v in Q6_K beside a Q4_K attn_q). A part is [tiles][blocks][kBytes]:
+// per tile of kTile output columns, its packed blocks in k order, a contiguous stream that the
+// kernel reads as it reads small_gemm's fp32 tiles, each group's scales staying in registers for
+// the group's rows.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
-#include <cmath>
+#include <cstring>
 #include <utility>
+#include <vector>
 
 #include "small_gemm.h"
+#include "stored_formats.h"
 #include "stored_gemm.h"
-#include "widen.h"
 
 namespace {
 
 using namespace onepass::simd;
 using onepass::kTile;
 using onepass::kTileRegisters;
+namespace stored = onepass::stored;
 
-constexpr int64_t kBlock = 32;      // k values per GGUF block
 constexpr int64_t kLineBytes = 64;  // a cache line
 
-struct Q8Tile {
-  static constexpr int64_t kBytes = 34 * kTile;
-  static constexpr int kLive = 2 * kTileRegisters;  // registers held across a block: d, w
+// ---- The packed weight's header ---------------------------------------------------------------
 
-  const uint8_t* p;  // the chunk's first block
+constexpr char kMagic[8] = {'o', 'n', 'e', 'p', 'a', 's', 's', 'W'};
+constexpr int kMaxParts = 6;
+constexpr int64_t kHeaderBytes = 256;
 
-  struct Block {
-    Vec d[kTileRegisters];
-    const int8_t* q;
-    void widen(int64_t j, Vec* w) const {
-      for (int i = 0; i < kTileRegisters; i++) w[i] = mul(d[i], load_i8(q + j * kTile + i * kLanes));
-    }
-  };
-  Block block(int64_t b) const {
-    const uint8_t* s = p + b * kBytes;
-    Block out;
-    for (int i = 0; i < kTileRegisters; i++) {
-      out.d[i] = load_half(reinterpret_cast<const uint16_t*>(s) + i * kLanes);
-    }
-    out.q = reinterpret_cast<const int8_t*>(s + 2 * kTile);
-    return out;
-  }
+struct Part {
+  int64_t type;     // GGML type id (stored_formats.h)
+  int64_t first;    // first output column
+  int64_t columns;  // output columns
+  int64_t offset;   // bytes from the start of the packed tensor, a multiple of 64
 };
 
-struct Q41Tile {
-  static constexpr int64_t kBytes = 20 * kTile;
-  static constexpr int kLive = 3 * kTileRegisters;  // d, m, w
-
-  const uint8_t* p;
-
-  struct Block {
-    Vec d[kTileRegisters], m[kTileRegisters];
-    const uint8_t* q;
-    void widen(int64_t j, Vec* w) const {
-      static_assert(kTileRegisters == 2, "a byte holds the tile's two registers' nibbles");
-      Vec lo, hi;
-      load_nibbles(q + j * kLanes, lo, hi);
-      w[0] = fmadd(d[0], lo, m[0]);
-      w[1] = fmadd(d[1], hi, m[1]);
-    }
-  };
-  Block block(int64_t b) const {
-    const uint8_t* s = p + b * kBytes;
-    const auto* half = reinterpret_cast<const uint16_t*>(s);
-    Block out;
-    for (int i = 0; i < kTileRegisters; i++) {
-      out.d[i] = load_half(half + i * kLanes);
-      out.m[i] = load_half(half + kTile + i * kLanes);
-    }
-    out.q = s + 4 * kTile;
-    return out;
-  }
+struct Header {
+  char magic[8];
+  int64_t tile;  // kTile of the build that packed it: another ISA's weight is refused
+  int64_t K, N, parts;
+  Part part[kMaxParts];
 };
+static_assert(sizeof(Header) <= kHeaderBytes);
 
-// Rows x[0..R) (row stride K) times blocks 0..blocks of a tile chunk, accumulated into
-// y[0..R)[0..cols) (row stride ldy); g: the chunk's column scales or null. FIRST: start from
-// zero. PREFETCH: fetch the chunks `ahead` bytes on meanwhile (toward L1, and twice as far
+std::optional<Header> header_of(const at::Tensor& packed) {
+  if (packed.dim() != 1 || packed.scalar_type() != at::kByte || packed.numel() < kHeaderBytes ||
+      !packed.is_contiguous()) {
+    return std::nullopt;
+  }
+  Header h;
+  std::memcpy(&h, packed.data_ptr<uint8_t>(), sizeof(Header));
+  if (std::memcmp(h.magic, kMagic, sizeof(kMagic)) != 0 || h.tile != kTile) return std::nullopt;
+  return h;
+}
+
+Header checked_header(const at::Tensor& packed, int64_t N) {
+  const auto h = header_of(packed);
+  TORCH_CHECK(h, "not a stored weight of this ISA's build (stored_pack)");
+  TORCH_CHECK(h->N == N, "the stored weight has ", h->N, " output columns, not ", N);
+  return *h;
+}
+
+// ---- The kernel -------------------------------------------------------------------------------
+
+// Rows x[0..R) (row stride ldx) times `blocks` packed blocks of a tile, holding `values` values of
+// k (fewer than blocks * kValues only at the end of a half-precision row), accumulated into
+// y[0..R)[0..cols) (row stride ldy); g: the column scales of these values or null. first: start
+// from zero. ahead > 0: fetch the data `ahead` bytes on meanwhile (toward L1, and twice as far
 // toward L2). The arithmetic per output is small_gemm.cpp's block(), weight for weight.
-template <class Tile, int R, bool FIRST, bool PREFETCH>
-void block(const float* x, Tile tile, const float* g, float* y, int64_t blocks, int64_t K,
-           int64_t ldy, int64_t cols, int64_t ahead) {
+template <class F, int R>
+void block(const float* x, int64_t ldx, const uint8_t* w, const float* g, float* y, int64_t ldy,
+           int64_t cols, int64_t blocks, int64_t values, bool first, int64_t ahead) {
   Vec acc[R][kTileRegisters];
   for (int r = 0; r < R; r++) {
     for (int i = 0; i < kTileRegisters; i++) {
-      acc[r][i] = FIRST ? zero() : load_n(y + r * ldy + i * kLanes, cols - i * kLanes);
+      acc[r][i] = first ? zero() : load_n(y + r * ldy + i * kLanes, cols - i * kLanes);
     }
   }
   for (int64_t b = 0; b < blocks; b++) {
-    if (PREFETCH) {
-      const auto* s = reinterpret_cast<const char*>(tile.p + b * Tile::kBytes);
-      for (int64_t o = 0; o < Tile::kBytes; o += kLineBytes) {
+    const uint8_t* s = w + b * F::kBytes;
+    if (ahead > 0) {
+      for (int64_t o = 0; o < F::kBytes; o += kLineBytes) {
         prefetch_l1(s + ahead + o);
         prefetch_l2(s + 2 * ahead + o);
       }
     }
-    const auto weights = tile.block(b);
-    for (int64_t j = 0; j < kBlock; j++) {
-      const int64_t k = b * kBlock + j;
-      Vec w[kTileRegisters];
-      weights.widen(j, w);
-      if (g != nullptr) {
-        const Vec scale = set1(g[k]);
-        for (int i = 0; i < kTileRegisters; i++) w[i] = mul(w[i], scale);
-      }
-      for (int r = 0; r < R; r++) {
-        const Vec xr = set1(x[r * K + k]);
-        for (int i = 0; i < kTileRegisters; i++) acc[r][i] = fmadd(xr, w[i], acc[r][i]);
+    for (int64_t k0 = b * F::kValues; k0 < (b + 1) * F::kValues && k0 < values; k0 += F::kGroupValues) {
+      const auto group = F::group(s, (k0 - b * F::kValues) / F::kGroupValues);
+      const int64_t rows = std::min(F::kGroupValues, values - k0);
+      for (int64_t j = 0; j < rows; j++) {
+        const int64_t k = k0 + j;
+        Vec wk[kTileRegisters];
+        group.widen(j, wk);
+        if (g != nullptr) {
+          const Vec scale = set1(g[k]);
+          for (int i = 0; i < kTileRegisters; i++) wk[i] = mul(wk[i], scale);
+        }
+        for (int r = 0; r < R; r++) {
+          const Vec xr = set1(x[r * ldx + k]);
+          for (int i = 0; i < kTileRegisters; i++) acc[r][i] = fmadd(xr, wk[i], acc[r][i]);
+        }
       }
     }
   }
@@ -142,141 +127,155 @@ void block(const float* x, Tile tile, const float* g, float* y, int64_t blocks, 
   }
 }
 
-template <class Tile>
+template <class F>
 struct Kernel {
-  // Rows per block: the accumulators, the block's live registers (scales, widened weights),
-  // the broadcast row value and the column scale. AVX-512: 12 (Q4_1), 13 (Q8_0); AVX2: 4, 5.
-  static constexpr int kMaxRows = (kRegisters - Tile::kLive - 2) / kTileRegisters;
+  // Rows per block: the accumulators, the group's live registers (scales, high bits, widened
+  // weights), the broadcast row value and the column scale. AVX-512 and NEON: 11 (Q5_1, Q5_K)
+  // to 14 (F16, BF16); AVX2: 3 to 6.
+  static constexpr int kMaxRows = (kRegisters - F::kLive - 2) / kTileRegisters;
   // Blocks per chunk: about 16 KB, which the first block of rows pulls from memory and the
   // other blocks read from L1.
-  static constexpr int64_t kChunkBlocks = std::max<int64_t>(1, 16384 / Tile::kBytes);
+  static constexpr int64_t kChunkBlocks = std::max<int64_t>(1, 16384 / F::kBytes);
 
-  using Fn = void (*)(const float*, Tile, const float*, float*, int64_t, int64_t, int64_t,
-                      int64_t, int64_t);
-
-  template <int R>
-  static constexpr std::array<Fn, 4> variants() {
-    return {block<Tile, R, true, true>, block<Tile, R, false, true>, block<Tile, R, true, false>,
-            block<Tile, R, false, false>};
-  }
+  using Fn = void (*)(const float*, int64_t, const uint8_t*, const float*, float*, int64_t,
+                      int64_t, int64_t, int64_t, bool, int64_t);
   template <int... I>
-  static constexpr auto table(std::integer_sequence<int, I...>) {
-    return std::array<std::array<Fn, 4>, sizeof...(I)>{variants<I + 1>()...};
+  static constexpr std::array<Fn, sizeof...(I)> table(std::integer_sequence<int, I...>) {
+    return {block<F, I + 1>...};
   }
   static constexpr auto kBlocks = table(std::make_integer_sequence<int, kMaxRows>{});
 
-  // y [M, N] = x [M, K] @ W.T; packed: [tiles][K / 32][Tile::kBytes]; g: [K] or null.
-  static void run(const float* xp, const uint8_t* wp, const float* g, float* yp, int64_t M,
-                  int64_t K, int64_t N, int64_t tiles) {
-    const int64_t nb = K / kBlock;
-    const int64_t row_blocks = (M + kMaxRows - 1) / kMaxRows;
-    const int64_t ahead = kChunkBlocks * Tile::kBytes;
-    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; t++) {
-        const uint8_t* wt = wp + t * nb * Tile::kBytes;
-        const int64_t cols = std::min(kTile, N - t * kTile);
-        for (int64_t b0 = 0; b0 < nb; b0 += kChunkBlocks) {
-          const int64_t bc = std::min(kChunkBlocks, nb - b0), k0 = b0 * kBlock;
-          const Tile chunk{wt + b0 * Tile::kBytes};
-          int64_t r0 = 0;
-          for (int64_t rb = 0; rb < row_blocks; rb++) {
-            const int64_t r1 = std::min<int64_t>(r0 + kMaxRows, M);
-            const int variant = (b0 == 0 ? 0 : 1) + (rb == 0 ? 0 : 2);
-            kBlocks[r1 - r0 - 1][variant](xp + r0 * K + k0, chunk, g ? g + k0 : nullptr,
-                                          yp + r0 * N + t * kTile, bc, K, N, cols, ahead);
-            r0 = r1;
-          }
+  static int64_t blocks(int64_t K) { return (K + F::kValues - 1) / F::kValues; }
+
+  // y[0..M)[0..cols) = x [M, K] @ the tile's columns (packed: the tile's blocks); row stride ldy.
+  static void tile(const float* x, int64_t M, int64_t K, const uint8_t* packed, const float* g,
+                   float* y, int64_t ldy, int64_t cols) {
+    const int64_t nb = blocks(K), ahead = kChunkBlocks * F::kBytes;
+    for (int64_t b0 = 0; b0 < nb; b0 += kChunkBlocks) {
+      const int64_t bc = std::min(kChunkBlocks, nb - b0), k0 = b0 * F::kValues;
+      for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
+        const int64_t rows = std::min<int64_t>(kMaxRows, M - r0);
+        kBlocks[rows - 1](x + r0 * K + k0, K, packed + b0 * F::kBytes, g ? g + k0 : nullptr,
+                          y + r0 * ldy, ldy, cols, bc, K - k0, b0 == 0, r0 == 0 ? ahead : 0);
+      }
+    }
+  }
+
+  // visit(k, w) for each row k of the tile's widened weights (w: kTileRegisters registers), as
+  // block() walks them (written out there: through a lambda, GCC's block of 4 rows ran 10%
+  // slower on AVX-512).
+  template <class Visit>
+  static void each_row(const uint8_t* packed, int64_t K, Visit&& visit) {
+    for (int64_t b = 0; b < blocks(K); b++) {
+      const uint8_t* s = packed + b * F::kBytes;
+      for (int64_t k0 = b * F::kValues; k0 < (b + 1) * F::kValues && k0 < K; k0 += F::kGroupValues) {
+        const auto group = F::group(s, (k0 - b * F::kValues) / F::kGroupValues);
+        for (int64_t j = 0; j < std::min(F::kGroupValues, K - k0); j++) {
+          Vec w[kTileRegisters];
+          group.widen(j, w);
+          visit(k0 + j, w);
         }
       }
-    });
+    }
   }
 };
 
-int64_t block_bytes(onepass::StoredFormat format) {
-  return format == onepass::StoredFormat::kQ8_0 ? Q8Tile::kBytes : Q41Tile::kBytes;
-}
-
-// GGUF's bytes per block of 32 values.
-int64_t gguf_block_bytes(onepass::StoredFormat format) {
-  return format == onepass::StoredFormat::kQ8_0 ? 34 : 20;
+// The bytes of one tile of a part in format `type` for rows of K values.
+int64_t tile_bytes(int64_t type, int64_t K) {
+  int64_t bytes = 0;
+  stored::with_format(type, [&](auto f) {
+    using F = decltype(f);
+    bytes = Kernel<F>::blocks(K) * F::kBytes;
+  });
+  return bytes;
 }
 
 }  // namespace
 
 namespace onepass {
 
-std::optional<StoredFormat> stored_format(const at::Tensor& packed) {
-  if (packed.dim() != 3) return std::nullopt;
-  if (packed.scalar_type() == at::kChar && packed.size(2) == Q8Tile::kBytes) {
-    return StoredFormat::kQ8_0;
-  }
-  if (packed.scalar_type() == at::kByte && packed.size(2) == Q41Tile::kBytes) {
-    return StoredFormat::kQ4_1;
-  }
-  return std::nullopt;
-}
+bool is_stored(const at::Tensor& packed) { return header_of(packed).has_value(); }
 
-StoredFormat format_of(int64_t ggml_type) {
-  TORCH_CHECK(ggml_type == 8 || ggml_type == 3, "stored weights: GGML type ", ggml_type,
-              " is not supported (Q8_0 = 8, Q4_1 = 3)");
-  return ggml_type == 8 ? StoredFormat::kQ8_0 : StoredFormat::kQ4_1;
-}
-
-// raw: a GGUF tensor's blocks, uint8 [rows][K / 32 * block bytes]; order: the raw row of each
-// output column (None: 0..rows). Returns the tiled layout stored_gemm reads.
-at::Tensor stored_pack(const at::Tensor& raw_in, int64_t ggml_type,
-                       const std::optional<at::Tensor>& order_in) {
-  const StoredFormat format = format_of(ggml_type);
-  TORCH_CHECK(raw_in.dim() == 2 && raw_in.scalar_type() == at::kByte && raw_in.device().is_cpu(),
-              "raw blocks must be a 2-D uint8 CPU tensor");
-  const auto raw = raw_in.contiguous();
-  const int64_t gb = gguf_block_bytes(format), nb = raw.size(1) / gb;
-  TORCH_CHECK(raw.size(1) == nb * gb, "a raw row is not a whole number of blocks");
-  const auto order =
-      order_in ? order_in->to(at::kLong).contiguous() : at::arange(raw.size(0), at::kLong);
-  const int64_t N = order.size(0), tiles = (N + kTile - 1) / kTile, bytes = block_bytes(format);
-  const int64_t* rows = order.data_ptr<int64_t>();
-  for (int64_t n = 0; n < N; n++) TORCH_CHECK(rows[n] >= 0 && rows[n] < raw.size(0), "bad row");
-  // Padding columns: all-zero blocks (d = m = 0), which widen to zero.
-  auto packed = at::zeros({tiles, nb, bytes},
-                          at::TensorOptions().dtype(format == StoredFormat::kQ8_0 ? at::kChar : at::kByte));
-  const uint8_t* src = raw.data_ptr<uint8_t>();
-  auto* dst = reinterpret_cast<uint8_t*>(packed.data_ptr());
-  const int64_t stride = raw.size(1);
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; t++) {
-      for (int64_t b = 0; b < nb; b++) {
-        uint8_t* out = dst + (t * nb + b) * bytes;
-        auto* half = reinterpret_cast<uint16_t*>(out);
-        for (int64_t c = 0; c < kTile && t * kTile + c < N; c++) {
-          const uint8_t* in = src + rows[t * kTile + c] * stride + b * gb;
-          std::memcpy(half + c, in, 2);  // d
-          if (format == StoredFormat::kQ8_0) {
-            for (int64_t j = 0; j < kBlock; j++) out[2 * kTile + j * kTile + c] = in[2 + j];
-          } else {
-            std::memcpy(half + kTile + c, in + 2, 2);  // m
-            // llama.cpp's nibble order: value j < 16 is the low nibble of byte j, value 16 + j
-            // its high nibble.
-            const int64_t byte = c % kLanes, shift = c < kLanes ? 0 : 4;
-            for (int64_t j = 0; j < kBlock; j++) {
-              const uint8_t q = (in[4 + j % 16] >> (j < 16 ? 0 : 4)) & 0x0F;
-              out[4 * kTile + j * kLanes + byte] |= static_cast<uint8_t>(q << shift);
+// parts: GGUF tensors' rows, uint8 [rows_i][bytes per row] (blocks of a quantized type, or 16-bit
+// values), of GGML types `types` and one row length K. Returns the packed weight whose output
+// columns are the parts' rows, one after another; consecutive parts of one type share tiles.
+at::Tensor stored_pack(const std::vector<at::Tensor>& parts_in, const std::vector<int64_t>& types) {
+  TORCH_CHECK(!parts_in.empty() && parts_in.size() == types.size(), "one type per part");
+  std::vector<at::Tensor> parts;
+  int64_t K = -1;
+  for (size_t i = 0; i < parts_in.size(); i++) {
+    const auto& raw = parts_in[i];
+    TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == at::kByte && raw.device().is_cpu(),
+                "raw blocks must be 2-D uint8 CPU tensors");
+    int64_t k = -1;
+    const bool known = stored::with_format(types[i], [&](auto f) {
+      using F = decltype(f);
+      TORCH_CHECK(raw.size(1) % F::kGGUFBytes == 0, "a raw row is not a whole number of blocks");
+      k = raw.size(1) / F::kGGUFBytes * F::kGGUFValues;
+    });
+    TORCH_CHECK(known, "stored weights: GGML type ", types[i], " is not supported (Q4_0 = 2, ",
+                "Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, ",
+                "F16 = 1, BF16 = 30)");
+    TORCH_CHECK(K < 0 || k == K, "parts of different row lengths: ", K, " and ", k);
+    K = k;
+    parts.push_back(raw.contiguous());
+  }
+  // Runs of one type: the packed parts, with the raw rows of their output columns.
+  Header h{};
+  std::memcpy(h.magic, kMagic, sizeof(kMagic));
+  h.tile = kTile;
+  h.K = K;
+  std::vector<std::vector<const uint8_t*>> rows;
+  int64_t offset = kHeaderBytes;
+  for (size_t i = 0; i < parts.size(); i++) {
+    if (i == 0 || types[i] != types[i - 1]) {
+      TORCH_CHECK(h.parts < kMaxParts, "at most ", kMaxParts, " runs of one format per weight");
+      if (h.parts > 0) {
+        const Part& last = h.part[h.parts - 1];
+        offset += (last.columns + kTile - 1) / kTile * tile_bytes(last.type, K);
+        offset = (offset + kLineBytes - 1) / kLineBytes * kLineBytes;
+      }
+      h.part[h.parts++] = Part{types[i], h.N, 0, offset};
+      rows.emplace_back();
+    }
+    for (int64_t r = 0; r < parts[i].size(0); r++) {
+      rows.back().push_back(parts[i].data_ptr<uint8_t>() + r * parts[i].size(1));
+    }
+    h.part[h.parts - 1].columns += parts[i].size(0);
+    h.N += parts[i].size(0);
+  }
+  const Part& last = h.part[h.parts - 1];
+  const int64_t total = last.offset + (last.columns + kTile - 1) / kTile * tile_bytes(last.type, K);
+  // Padding columns: all-zero blocks (zero scales, zero values), which widen to zero.
+  auto packed = at::zeros({total}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  std::memcpy(dst, &h, sizeof(Header));
+  for (int64_t p = 0; p < h.parts; p++) {
+    const Part part = h.part[p];
+    const auto& src = rows[p];
+    stored::with_format(part.type, [&](auto f) {
+      using F = decltype(f);
+      const int64_t nb = Kernel<F>::blocks(K), tiles = (part.columns + kTile - 1) / kTile;
+      at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; t++) {
+          for (int64_t b = 0; b < nb; b++) {
+            uint8_t* out = dst + part.offset + (t * nb + b) * F::kBytes;
+            for (int64_t c = 0; c < kTile && t * kTile + c < part.columns; c++) {
+              F::pack(src[t * kTile + c], b, K, c, out);
             }
           }
         }
-      }
-    }
-  });
+      });
+    });
+  }
   return packed;
 }
 
 void stored_gemm_into(const at::Tensor& x, const at::Tensor& packed,
                       const std::optional<at::Tensor>& scale, int64_t N, at::Tensor& y) {
-  const auto format = stored_format(packed);
-  TORCH_CHECK(format, "not a stored weight of this ISA's build (Q8_0 int8 / Q4_1 uint8 tiles)");
+  const Header h = checked_header(packed, N);
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(packed.size(1) * kBlock == K, "stored weight does not match x");
-  TORCH_CHECK(packed.size(0) * kTile >= N && packed.is_contiguous(), "bad stored weight");
+  TORCH_CHECK(h.K == K, "the stored weight's rows have ", h.K, " values, x has ", K);
   const float* g = nullptr;
   if (scale && scale->defined()) {
     TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() &&
@@ -285,12 +284,32 @@ void stored_gemm_into(const at::Tensor& x, const at::Tensor& packed,
     g = scale->data_ptr<float>();
   }
   if (M == 0) return;
-  const auto* wp = reinterpret_cast<const uint8_t*>(packed.data_ptr());
-  if (*format == StoredFormat::kQ8_0) {
-    Kernel<Q8Tile>::run(x.data_ptr<float>(), wp, g, y.data_ptr<float>(), M, K, N, packed.size(0));
-  } else {
-    Kernel<Q41Tile>::run(x.data_ptr<float>(), wp, g, y.data_ptr<float>(), M, K, N, packed.size(0));
+  // Each part's tiles and how to run one; threads split the tiles of all parts.
+  using TileFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*, float*,
+                          int64_t, int64_t);
+  std::array<TileFn, kMaxParts> run{};
+  std::array<int64_t, kMaxParts + 1> first_tile{};
+  std::array<int64_t, kMaxParts> bytes{};
+  for (int64_t p = 0; p < h.parts; p++) {
+    stored::with_format(h.part[p].type, [&](auto f) {
+      using F = decltype(f);
+      run[p] = Kernel<F>::tile;
+    });
+    bytes[p] = tile_bytes(h.part[p].type, K);
+    first_tile[p + 1] = first_tile[p] + (h.part[p].columns + kTile - 1) / kTile;
   }
+  const auto* wp = packed.data_ptr<uint8_t>();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, first_tile[h.parts], 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; t++) {
+      int64_t p = 0;
+      while (t >= first_tile[p + 1]) p++;
+      const Part& part = h.part[p];
+      const int64_t i = t - first_tile[p], cols = std::min(kTile, part.columns - i * kTile);
+      run[p](xp, M, K, wp + part.offset + i * bytes[p], g, yp + part.first + i * kTile, N, cols);
+    }
+  });
 }
 
 // x [M, K] float32 times the stored weight (with its column scale): x @ (W * scale).T, [M, N].
@@ -304,85 +323,67 @@ at::Tensor stored_gemm(const at::Tensor& x_in, const at::Tensor& packed,
   return y;
 }
 
+namespace {
+
+// visit(i, k, value) for the weights of output column columns[i] as the kernels widen them (in
+// ascending k; times the column scale g if given).
+template <class Visit>
+void each_weight(const at::Tensor& packed, const Header& h, const std::vector<int64_t>& columns,
+                 const float* g, Visit&& visit) {
+  const auto* wp = packed.data_ptr<uint8_t>();
+  for (size_t i = 0; i < columns.size(); i++) {
+    const int64_t n = columns[i];
+    int64_t p = 0;
+    while (n >= h.part[p].first + h.part[p].columns) p++;
+    const Part& part = h.part[p];
+    const int64_t t = (n - part.first) / kTile, c = (n - part.first) % kTile;
+    stored::with_format(part.type, [&](auto f) {
+      using F = decltype(f);
+      const uint8_t* tile = wp + part.offset + t * tile_bytes(part.type, h.K);
+      Kernel<F>::each_row(tile, h.K, [&](int64_t k, const Vec* w) {
+        float lanes[kTile];
+        for (int r = 0; r < kTileRegisters; r++) {
+          storeu(lanes + r * kLanes, g ? mul(w[r], set1(g[k])) : w[r]);
+        }
+        visit(static_cast<int64_t>(i), k, lanes[c]);
+      });
+    });
+  }
+}
+
+}  // namespace
+
 // The weight as the kernel widens it, [N, K] float32 (times the column scale): for tests.
 at::Tensor stored_unpack(const at::Tensor& packed, const std::optional<at::Tensor>& scale,
                          int64_t N) {
-  // The product with the identity would add zeros to each weight; widen directly instead.
-  const auto format = stored_format(packed);
-  TORCH_CHECK(format, "not a stored weight of this ISA's build");
-  const int64_t nb = packed.size(1), K = nb * kBlock;
-  auto out = at::empty({N, K}, at::kFloat);
+  const Header h = checked_header(packed, N);
+  auto out = at::empty({N, h.K}, at::kFloat);
   float* o = out.data_ptr<float>();
   const float* g = scale && scale->defined() ? scale->data_ptr<float>() : nullptr;
-  const auto* wp = reinterpret_cast<const uint8_t*>(packed.data_ptr());
-  auto each = [&](auto tile_type) {
-    using Tile = decltype(tile_type);
-    for (int64_t t = 0; t < packed.size(0); t++) {
-      const Tile tile{wp + t * nb * Tile::kBytes};
-      for (int64_t b = 0; b < nb; b++) {
-        const auto weights = tile.block(b);
-        for (int64_t j = 0; j < kBlock; j++) {
-          const int64_t k = b * kBlock + j;
-          Vec w[kTileRegisters];
-          weights.widen(j, w);
-          float lanes[kTile];
-          for (int i = 0; i < kTileRegisters; i++) {
-            storeu(lanes + i * kLanes, g ? mul(w[i], set1(g[k])) : w[i]);
-          }
-          for (int64_t c = 0; c < kTile && t * kTile + c < N; c++) o[(t * kTile + c) * K + k] = lanes[c];
-        }
-      }
-    }
-  };
-  if (*format == StoredFormat::kQ8_0) {
-    each(Q8Tile{nullptr});
-  } else {
-    each(Q41Tile{nullptr});
-  }
+  std::vector<int64_t> columns(N);
+  for (int64_t n = 0; n < N; n++) columns[n] = n;
+  each_weight(packed, h, columns, g, [&](int64_t n, int64_t k, float v) { o[n * h.K + k] = v; });
   return out;
 }
 
-// Rows `ids` of the stored weight W [N, K] as float32 (an embedding lookup), by scalar code
-// computing the widening's values: d * q, or fma(d, q, m) (exact product, one rounding).
+// Rows `ids` of the stored weight W [N, K] as float32 (an embedding lookup), widened as the
+// GEMM widens them.
 at::Tensor stored_rows(const at::Tensor& packed, const at::Tensor& ids_in, int64_t N) {
-  const auto format = stored_format(packed);
-  TORCH_CHECK(format, "not a stored weight of this ISA's build");
+  const Header h = checked_header(packed, N);
   const auto ids = ids_in.to(at::kLong).contiguous();
-  const int64_t nb = packed.size(1), K = nb * kBlock, n = ids.numel();
-  const int64_t bytes = block_bytes(*format);
-  auto out = at::empty({n, K}, at::kFloat);
+  const int64_t n = ids.numel();
+  std::vector<int64_t> columns(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + n);
+  for (const int64_t id : columns) TORCH_CHECK(id >= 0 && id < N, "id ", id, " out of range");
+  auto out = at::empty({n, h.K}, at::kFloat);
   float* o = out.data_ptr<float>();
-  const auto* wp = reinterpret_cast<const uint8_t*>(packed.data_ptr());
-  const int64_t* id = ids.data_ptr<int64_t>();
-  for (int64_t r = 0; r < n; r++) {
-    TORCH_CHECK(id[r] >= 0 && id[r] < N, "id ", id[r], " out of range");
-    const int64_t t = id[r] / kTile, c = id[r] % kTile;
-    for (int64_t b = 0; b < nb; b++) {
-      const uint8_t* s = wp + (t * nb + b) * bytes;
-      const auto* half = reinterpret_cast<const uint16_t*>(s);
-      const float d = half_to_float(half[c]);
-      float* row = o + r * K + b * kBlock;
-      if (*format == StoredFormat::kQ8_0) {
-        const auto* q = reinterpret_cast<const int8_t*>(s + 2 * kTile);
-        for (int64_t j = 0; j < kBlock; j++) row[j] = d * static_cast<float>(q[j * kTile + c]);
-      } else {
-        const float m = half_to_float(half[kTile + c]);
-        const uint8_t* q = s + 4 * kTile;
-        const int shift = c < kLanes ? 0 : 4;
-        for (int64_t j = 0; j < kBlock; j++) {
-          const float v = static_cast<float>((q[j * kLanes + c % kLanes] >> shift) & 0x0F);
-          row[j] = std::fma(d, v, m);
-        }
-      }
-    }
-  }
+  each_weight(packed, h, columns, nullptr, [&](int64_t r, int64_t k, float v) { o[r * h.K + k] = v; });
   return out;
 }
 
 }  // namespace onepass
 
 TORCH_LIBRARY_FRAGMENT(ONEPASS_OPS, m) {
-  m.def("stored_pack(Tensor raw, int ggml_type, Tensor? order) -> Tensor", onepass::stored_pack);
+  m.def("stored_pack(Tensor[] parts, int[] ggml_types) -> Tensor", onepass::stored_pack);
   m.def("stored_gemm(Tensor x, Tensor packed, Tensor? scale, int n) -> Tensor",
         onepass::stored_gemm);
   m.def("stored_unpack(Tensor packed, Tensor? scale, int n) -> Tensor", onepass::stored_unpack);

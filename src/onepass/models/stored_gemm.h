@@ -1,4 +1,4 @@
-// onepass's GEMM over weights kept in their GGUF format (stored_gemm.cpp), shared with the
+// onepass's GEMM over weights kept in their stored format (stored_gemm.cpp), shared with the
 // fused decoder.
 #pragma once
 #include <ATen/ATen.h>
@@ -7,11 +7,9 @@
 
 namespace onepass {
 
-enum class StoredFormat { kQ8_0, kQ4_1 };
-
-// The format of a tensor from stored_pack (by dtype and block size), or none (e.g. fp32 tiles
+// Whether `packed` is a weight from stored_pack of this ISA's build (and not, e.g., fp32 tiles
 // from small_gemm_pack).
-std::optional<StoredFormat> stored_format(const at::Tensor& packed);
+bool is_stored(const at::Tensor& packed);
 
 // y [M, N] = x [M, K] @ (W * scale).T for a stored weight W (scale: a column scale [K], or
 // none); x contiguous float32. Row i does not depend on the other rows, and equals small_gemm
