@@ -10,7 +10,7 @@ from conftest import each_isa, tiny_pair
 from onepass import SamplingParams
 from onepass.draft import BatchShare, DecodeState, Draft
 from onepass.drafters import DraftContext
-from onepass.drafters.auto import AutoDrafter, MergedTree, NodeStats, Options
+from onepass.drafters.auto import MergedTree, NodeStats, Options, build
 from onepass.models import Rows
 from onepass.tree import Tree
 
@@ -133,8 +133,9 @@ def test_requests_join_and_leave_between_steps(llm):
 
 
 def test_a_closed_request_is_left_out_of_the_next_step(llm):
-    a = llm.request("Tell me a story.", SamplingParams(max_tokens=50, temperature=0))
-    b = llm.request("Tell me a joke.", SamplingParams(max_tokens=50, temperature=0))
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    a = llm.request("Tell me a story.", params)
+    b = llm.request("Tell me a joke.", params)
     llm.step([a, b])
     a.close()
     outs = llm.step([a, b])
@@ -165,7 +166,7 @@ def test_auto_drafts_less_as_the_batch_grows():
         tokenizer=None,
         cost_model=lambda: linear_cost,
     )
-    auto = AutoDrafter(Options(methods=["ngram"]), context)
+    auto = build(Options(methods=["ngram"]), context)
     merged = merged_chain([0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
     sizes = []
     for others in (0, 1, 3, 7, 15, 31):
