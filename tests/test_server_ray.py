@@ -198,3 +198,22 @@ def test_errors_health_and_metrics_through_the_proxy(served):
     assert health.json() == {"status": "ok"} and health.headers["x-onepass-replica"]
     metrics = http.get("/metrics")  # the answering replica's own counters
     assert metrics.status_code == 200 and "vllm:num_requests_running" in metrics.text
+
+
+def test_plain_serve_stays_without_ray():
+    """Without --replicas (or with 1) `onepass serve` never imports ray: checked up to where it
+    would listen (the port is out of range); and the replica options are checked first."""
+    code = (
+        "import sys; from onepass.cli import main\n"
+        "assert main(['serve', '--replicas', '1', '--threads', '1', '--port', '70000']) == 2\n"
+        "assert main(['serve', '--replicas', '0']) == 2\n"
+        "assert main(['serve', '--replicas', '2', '--threads', '0']) == 2\n"
+        "assert 'ray' not in sys.modules, 'plain serve imported ray'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [
+        "onepass: error: --port must be in 0..65535, got 70000",
+        "onepass: error: --replicas must be >= 1, got 0",
+        "onepass: error: --threads must be >= 1, got 0",
+    ]
