@@ -152,7 +152,7 @@ def serve_replicas(args: argparse.Namespace) -> None:
     try:
         ray.init(
             address="local" if local else args.ray_address,
-            # Ray's CPUs are what it places replicas by: here at least one replica's threads each
+            # Ray places replicas by its CPU count: at least what they ask for, even past the cores
             num_cpus=max(args.replicas * threads, os.cpu_count() or 1) if local else None,
             include_dashboard=False,
             logging_level=logging.WARNING if quiet else logging.INFO,
