@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import ray  # noqa: F401  (fails the module, rather than skipping it, without the ray extra)
+import torch
 from openai import OpenAI
 from test_server import greedy
 
@@ -130,11 +131,17 @@ def served(llm, tmp_path_factory) -> Iterator[tuple[Replicas, dict[str, str]]]:
     server = Replicas(tmp_path_factory.mktemp("ray") / "serve.log")
     server.model = llm.model_name
     exit_code: Any = "not stopped"
+    threads = torch.get_num_threads()
     try:
+        # one thread: two cores are shared with Ray's start-up (at two, torch's threads wait
+        # for each other: 37 s instead of 4 s here)
+        torch.set_num_threads(1)
         want = {p: llm.chat(messages(p), greedy(MAX_TOKENS))[0].outputs[0].text for p in PROMPTS}
+        torch.set_num_threads(threads)
         server.wait_ready()
         yield server, want
     finally:
+        torch.set_num_threads(threads)
         exit_code = server.stop()
     assert exit_code == 0, f"Ctrl-C did not stop Ray cleanly:\n{server.output()}"
 
