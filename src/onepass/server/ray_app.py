@@ -35,8 +35,9 @@ from onepass.server.cli import _loopback, listen, log_to_stderr, server_options
 
 APP_NAME = "onepass"
 REPLICA_HEADER = b"x-onepass-replica"
-# Ray's router holds back requests past this many in flight at a replica; past its own queue a
-# replica answers 429 (with Retry-After) itself, so Ray's limit stays well above that queue.
+# Ray's router holds back requests past max_ongoing_requests in flight at a replica; a replica
+# whose batch and queue are full answers 429 (with Retry-After) itself, so Ray's limit stays
+# this far above them.
 ROUTER_MARGIN = 256
 
 
@@ -105,7 +106,7 @@ def deployment(args: argparse.Namespace) -> Any:
     return OnepassReplica.options(
         num_replicas=args.replicas,
         ray_actor_options={"num_cpus": args.threads},
-        max_ongoing_requests=args.max_queue + ROUTER_MARGIN,
+        max_ongoing_requests=args.max_batch + args.max_queue + ROUTER_MARGIN,
         # a replica that cannot load its model (wrong name or path) will not load it on a retry
         max_constructor_retry_count=1,
         logging_config={"log_level": args.log_level.upper()},
