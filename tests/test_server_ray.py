@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -130,7 +129,6 @@ def served(llm, tmp_path_factory) -> Iterator[tuple[Replicas, dict[str, str]]]:
     starts)."""
     server = Replicas(tmp_path_factory.mktemp("ray") / "serve.log")
     server.model = llm.model_name
-    exit_code: Any = "not stopped"
     threads = torch.get_num_threads()
     try:
         # one thread: two cores are shared with Ray's start-up (at two, torch's threads wait
