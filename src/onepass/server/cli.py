@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def add_serve_parser(
@@ -73,6 +74,30 @@ def add_serve_parser(
         choices=["critical", "error", "warning", "info", "debug"],
         help="uvicorn's log level (default: %(default)s)",
     )
+    r = p.add_argument_group("replicas (Ray Serve; needs the ray extra)")
+    r.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N copies of the server, each with its own model, behind one HTTP route "
+        "(Ray Serve); 1 serves in this process without Ray (default: %(default)s)",
+    )
+    r.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="T",
+        help="torch threads per replica (default: the cores divided among the replicas, at "
+        "least 1; without --replicas: torch's default)",
+    )
+    r.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="with --replicas: deploy on this running Ray cluster (`ray start --head`'s "
+        "address) instead of starting Ray on this machine",
+    )
     add_model_args(p)
     add_speculative_args(p)
     p.set_defaults(func=cmd_serve)
@@ -80,27 +105,24 @@ def add_serve_parser(
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from onepass.cli import UsageError, load_llm, speculative_config
-    from onepass.config import SpeculativeConfig
+    from onepass.cli import UsageError, load_llm
 
-    spec = SpeculativeConfig.parse(speculative_config(args))  # validate before loading
-    if args.max_batch < 1:
-        raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
-    if args.max_queue < 1:
-        raise UsageError(f"--max-queue must be >= 1, got {args.max_queue}")
-    if args.request_timeout < 0:
-        raise UsageError(f"--request-timeout must be >= 0, got {args.request_timeout}")
-    if args.max_body_bytes < 1024:
-        raise UsageError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        extra = "pip install 'onepass[server]'"
-        raise UsageError(f"onepass serve needs the server extra: {extra}") from None
-    from uvicorn.logging import DefaultFormatter
+    options = server_options(args)  # validate before loading
+    spec = options.speculative_config
+    if args.replicas < 1:
+        raise UsageError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.replicas > 1:  # only then is ray imported
+        from onepass.server.ray_app import serve_replicas
 
-    from onepass.server.app import ServerOptions, create_app, uvicorn_server
+        serve_replicas(args)
+        return
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from onepass.server.app import create_app, uvicorn_server
 
     sock = listen(args.host, args.port)  # before loading: a busy port fails at once
     print(f"onepass serve: loading {args.model} ...", file=sys.stderr, flush=True)
@@ -114,18 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         flush=True,
     )
     llm.cost_model()
-    options = ServerOptions(
-        speculative_config=spec,
-        max_queue=args.max_queue,
-        max_batch=args.max_batch,
-        api_key=args.api_key or None,
-        request_timeout=args.request_timeout or None,
-        max_body_bytes=args.max_body_bytes,
-    )
-    # the scheduler's log (a failed request's traceback) in uvicorn's style, on stderr
-    handler = logging.StreamHandler()
-    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
-    logging.getLogger("onepass.server").addHandler(handler)
+    log_to_stderr()
     server = uvicorn_server(create_app(llm, options), args.host, args.port, args.log_level)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -142,6 +153,48 @@ def cmd_serve(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
     server.run(sockets=[sock])
+
+
+def server_options(args: argparse.Namespace) -> Any:
+    """The ServerOptions the command line asks for (checked; a UsageError if not valid), also
+    used by each Ray replica."""
+    from onepass.cli import UsageError, speculative_config
+    from onepass.config import SpeculativeConfig
+
+    spec = SpeculativeConfig.parse(speculative_config(args))
+    if args.max_batch < 1:
+        raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.max_queue < 1:
+        raise UsageError(f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.request_timeout < 0:
+        raise UsageError(f"--request-timeout must be >= 0, got {args.request_timeout}")
+    if args.max_body_bytes < 1024:
+        raise UsageError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        extra = "pip install 'onepass[server]'"
+        raise UsageError(f"onepass serve needs the server extra: {extra}") from None
+    from onepass.server.app import ServerOptions
+
+    return ServerOptions(
+        speculative_config=spec,
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        api_key=args.api_key or None,
+        request_timeout=args.request_timeout or None,
+        max_body_bytes=args.max_body_bytes,
+    )
+
+
+def log_to_stderr() -> None:
+    """The scheduler's log (a failed request's traceback) in uvicorn's style, on stderr."""
+    from uvicorn.logging import DefaultFormatter
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+    logging.getLogger("onepass.server").addHandler(handler)
 
 
 def listen(host: str, port: int) -> socket.socket:
