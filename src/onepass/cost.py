@@ -27,7 +27,8 @@ from tqdm import tqdm
 from onepass.cache import CURVES_FILE, lock_path, locked, write_atomically
 from onepass.models.base import Backend
 
-SIZES = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 17, 20, 24, 32)  # 16 -> 17: MKL's pack size
+SIZES = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 17, 20, 24, 32, 48, 64)
+# 16 -> 17: MKL's pack size; 48 and 64: the forwards a batch of requests shares
 CONTEXTS = (256, 1024)  # committed tokens before the short and the long measurement
 
 

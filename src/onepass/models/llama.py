@@ -218,7 +218,7 @@ def stored_layer_linears(
 class NativeDecoder:
     """Implements the Backend protocol for Llama-family weights in Hugging Face naming."""
 
-    revision = 12  # bump when a change alters the cost curve: cached curves are keyed by it
+    revision = 13  # bump when a change alters the cost curve: cached curves are keyed by it
 
     def __init__(
         self,
