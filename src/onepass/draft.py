@@ -107,9 +107,11 @@ class BatchShare:
     (auto) weighs the forward's tokens per second, all requests' together."""
 
     rows: int
-    """Their rows (roots, drafts planned so far, prompt chunks)."""
+    """Their decoding rows (roots, and the drafts planned so far)."""
     tokens: float
     """The tokens they are expected to emit."""
+    prompt_rows: int = 0
+    """Rows of prompt chunks in the forward (they emit no token)."""
 
 
 @dataclass(frozen=True)

@@ -208,10 +208,12 @@ class LLM:
             plan.append((r, rows))
             prefill_rows += rows.ids.shape[0]
         decoding = [r for r in live if not r.prefilling]
-        share_rows, share_tokens = prefill_rows + len(decoding), float(len(decoding))
+        share_rows, share_tokens = len(decoding), float(len(decoding))
         alone = len(plan) + len(decoding) == 1
         for r in decoding:  # the others' roots are counted; their drafts as they are made
-            share = None if alone else BatchShare(share_rows - 1, share_tokens - 1)
+            share = None
+            if not alone:
+                share = BatchShare(share_rows - 1, share_tokens - 1, prefill_rows)
             rows = r.next_rows(share)
             drafted = rows.ids.shape[0] - 1
             share_rows += drafted

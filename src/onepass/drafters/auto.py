@@ -28,9 +28,10 @@ pay.
 
 When other requests share the forward (continuous batching, DecodeState.batch), a row costs
 what it adds to the whole forward and pays in the whole forward's tokens: the step scores the
-N nodes maximizing (T + E(N)) / t(R + 1 + N), with R the other requests' rows and T the tokens
-they are expected to emit. The larger the batch, the likelier a node must be to pay, so drafts
-shrink toward what pays and speculation does not lower the batch's throughput.
+N nodes maximizing (T + E(N)) / t(R + 1 + N), with R the other requests' decoding rows and T
+the tokens they are expected to emit (prompt chunks in the forward add their rows to where the
+curve is read, not to the time the tokens are rated by). The larger the batch, the likelier a
+node must be to pay, so drafts shrink toward what pays.
 
 The estimates and time scales are learned across requests (Learned, shared by every fork of
 the drafter, see drafters/base.py); each request forks the candidate drafters and keeps its own
@@ -55,6 +56,8 @@ from onepass.tree import Tree
 if TYPE_CHECKING:
     from onepass.cost import CostModel
 
+CALIBRATION_EVIDENCE = 8.0  # predicted accepted tokens before the calibration applies
+CALIBRATION_DECAY = 0.99  # per step with a draft
 MAX_PENDING = 64  # proposals awaiting enough emitted tokens to be scored, per drafter
 DEPTHS = 8  # nodes from this depth on share their estimates
 RUN_BOUNDS = (1, 4)  # a drafter's record: 0 | 1-3 | 4+ emitted tokens in a row it predicted
@@ -288,6 +291,22 @@ class Learned:
     steps that score a draft: the curve is measured apart from decoding, and in a real loop the
     two kinds of step can drift from it differently (seen with a curve measured under load:
     multi-row steps ran ~10% dearer relative to single-row ones than it said)."""
+    predicted: float = 0.0
+    accepted: float = 0.0
+    """Decaying sums of the accepted draft tokens the chosen nodes' estimates predicted and of
+    those actually accepted. The step keeps the nodes whose estimates are highest, so noise in
+    the estimates makes the chosen ones look better than they are (the winner's curse); the
+    ratio corrects that. It matters most in a large batch, where a draft pays only narrowly."""
+
+    def calibration(self) -> float:
+        """accepted / predicted, once there is evidence, within [0.25, 1.25]."""
+        if self.predicted < CALIBRATION_EVIDENCE:
+            return 1.0
+        return min(1.25, max(0.25, self.accepted / self.predicted))
+
+    def calibrate(self, predicted: float, accepted: int) -> None:
+        self.predicted = CALIBRATION_DECAY * self.predicted + predicted
+        self.accepted = CALIBRATION_DECAY * self.accepted + accepted
 
 
 @dataclass
@@ -331,6 +350,7 @@ class AutoDrafter(Drafter):
         self.tokens: Sequence[int] = []
         self.step_started: float | None = None
         self.rows = 1
+        self.predicted = 0.0  # accepted draft tokens the step's nodes were expected to give
         self.context = 0  # committed tokens + the root when the step was proposed
 
     def fork(self) -> AutoDrafter:
@@ -369,17 +389,22 @@ class AutoDrafter(Drafter):
         limit = min(self.max_nodes, state.max_draft_tokens)
         ranked = merged.best_first(state.max_depth)[:limit]
         # Sharing the forward with other requests, a row costs what it adds to the whole
-        # forward, and pays in the whole forward's tokens per second.
-        other_rows, other_tokens = (
-            (state.batch.rows, state.batch.tokens) if state.batch else (0, 0.0)
-        )
-        expected = 1.0 + other_tokens
-        best_n, best_value = 0, expected / self._time(1 + other_rows)
+        # forward, and pays in the whole forward's tokens per second. Prompt rows in it emit
+        # no tokens: they are work that must be done anyway, so they raise what a row costs
+        # (the curve's slope where the forward is) but do not dilute the rate a draft must beat.
+        batch = state.batch
+        decoding = 1 + (batch.rows if batch else 0)  # rows that emit tokens, with the root
+        total = decoding + (batch.prompt_rows if batch else 0)
+        expected = 1.0 + (batch.tokens if batch else 0.0)
+        base = self._time(decoding) - self._time(total)
+        calibration = self.learned.calibration()
+        best_n, best_value = 0, expected / self._time(decoding)
         for n, (_, prob) in enumerate(ranked, start=1):
-            expected += prob
-            value = expected / self._time(1 + other_rows + n)
+            expected += min(1.0, prob * calibration)
+            value = expected / (base + self._time(total + n))
             if value > best_value:
                 best_n, best_value = n, value
+        self.predicted = sum(prob for _, prob in ranked[:best_n])
         return merged.draft([node for node, _ in ranked[:best_n]])
 
     def learn_step_time(self, elapsed: float) -> None:
@@ -396,6 +421,8 @@ class AutoDrafter(Drafter):
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
         if self.cost is not None and self.step_started is not None:
             self.learn_step_time(time.perf_counter() - self.step_started)
+        if len(draft):
+            self.learned.calibrate(self.predicted, len(verdict.path))
         for c in self.candidates.values():
             c.drafter.observe(draft, verdict, out)
             c.record(verdict.tokens)
