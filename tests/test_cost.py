@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from onepass.cost import CostModel, cached_cost_model, measure
+from onepass.cost import SIZES, CostModel, cached_cost_model, measure
 
 
 class SleepyBackend:
@@ -82,10 +82,11 @@ def test_a_curve_measured_in_a_small_cache_is_not_reused_by_a_larger_one(tmp_pat
             pass
 
     small, large = InstantBackend(), InstantBackend()
-    small.max_len, large.max_len = 300, 400  # long context clamped to 267 and to 367
+    room = max(SIZES) + 1  # rows the measurement needs past its context
+    small.max_len, large.max_len = 300 + room, 400 + room  # long context clamped to 300, 400
     first = cached_cost_model(small, "m", tmp_path)
     second = cached_cost_model(large, "m", tmp_path)
-    assert (first.long_context, second.long_context) == (267, 367)
+    assert (first.long_context, second.long_context) == (300, 400)
     assert cached_cost_model(small, "m", tmp_path) == first  # each keeps its own entry
 
 
