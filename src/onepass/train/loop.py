@@ -163,9 +163,8 @@ def train(config: TrainConfig, make_trainer: Any, log: Any = print) -> dict[str,
         progress = load_checkpoint(run_dir / CHECKPOINT, trainer.module, optimizer)
         log(f"resuming from step {progress.step} ({run_dir})")
     steps_per_epoch = math.ceil(len(train_ids) / config.batch)
-    total = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
+    planned = steps_per_epoch * config.epochs
+    total = planned if config.max_steps is None else min(planned, config.max_steps)
 
     # 3. Training.
     def checkpoint() -> None:
@@ -218,8 +217,8 @@ def train(config: TrainConfig, make_trainer: Any, log: Any = print) -> dict[str,
     summary = {
         "command": command_line(config),
         "steps": progress.step,
-        "total_steps": total,
-        "finished": progress.step >= total,
+        "planned_steps": planned,
+        "finished": progress.step >= planned,
         "samples": available,
         "train_samples": len(train_ids),
         "eval": evaluation,
