@@ -13,7 +13,8 @@ from onepass.drafters import METHODS
 pytestmark = pytest.mark.real_model
 
 MAX_TOKENS = 96
-NEEDS_HEADS = {"medusa"}  # trained heads for the default model (tests/test_medusa.py: random)
+NEEDS_HEADS = {"medusa", "eagle"}  # trained heads for the default model (else: random ones,
+# tests/test_medusa.py and tests/test_eagle.py)
 
 
 def skip_without_heads(llm, method: str) -> None:

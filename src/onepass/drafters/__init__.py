@@ -22,6 +22,7 @@ METHODS: dict[str, str] = {
     "auto": "auto",
     "draft_model": "draft_model",
     "medusa": "medusa",
+    "eagle": "eagle",
 }
 
 

@@ -499,6 +499,10 @@ class NativeDecoder:
             )
         return self._head({"all": x, "last": x[-1:], "none": x[:0]}[logits])
 
+    def embeddings(self, ids: Tensor) -> Tensor:
+        """[n] -> [n, hidden]: the input embeddings of token ids (an EAGLE head reads them)."""
+        return self._embed(ids.to(self.device))
+
     def _embed(self, ids: Tensor) -> Tensor:
         if self.embed_packed is not None:
             return self.kernels.stored_rows(self.embed_packed, ids, self.vocab_rows)

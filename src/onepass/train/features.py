@@ -4,7 +4,8 @@ A sample is one exchange through the chat template: the human's message, then an
 ShareGPT's own, or with `self_distill` the target's greedy answer (Medusa-2 and EAGLE found
 that heads learn best what the target itself writes). The target scores the whole sample in
 causal chunks, as a prefill does, and its final normed hidden states (what the LM head and the
-heads read at decoding time) are stored in half precision from just before the answer on.
+heads read at decoding time) are stored in half precision, every row (an EAGLE head attends to
+the prompt's too).
 
 The cache lives under onepass's cache dir, keyed by the target's fingerprint and the data
 settings: a directory per setting, a file per sample (written whole or not at all), so an
@@ -31,10 +32,7 @@ from onepass.heads.files import Target
 from onepass.models.base import Rows
 
 FEATURES_DIR = "train/features"
-CONTEXT_ROWS = 8
-"""Hidden rows kept before the answer's first token: a head k <= CONTEXT_ROWS - 1 predicting
-an answer token from there needs them."""
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,7 @@ class FeatureCache:
         return self.path(index).exists()
 
     def write(self, index: int, ids: list[int], start: int, hidden: Tensor) -> None:
-        first = max(0, start - CONTEXT_ROWS)
+        first = 0  # every row (the format keeps `first` to allow less)
         tensors = {
             "ids": torch.tensor(ids, dtype=torch.int32),
             "rows": torch.tensor([start, first], dtype=torch.int32),

@@ -112,7 +112,8 @@ def run_key(config: TrainConfig, settings: DataSettings) -> str:
 
 def train(config: TrainConfig, make_trainer: Any, log: Any = print) -> dict[str, Any]:
     """Run (or resume) a training; returns its summary. make_trainer(llm, lm_head_weight,
-    config) builds the method's HeadTrainer."""
+    config, samples) builds the method's HeadTrainer; samples() iterates over the training
+    samples (None where a file is unreadable)."""
     from tqdm import tqdm
 
     from onepass import LLM
@@ -152,7 +153,7 @@ def train(config: TrainConfig, make_trainer: Any, log: Any = print) -> dict[str,
     loaded = load_model(config.model, cache_dir)
     lm_weight = lm_head_weight(loaded.weights, loaded.config)
     del loaded
-    trainer = make_trainer(llm, lm_weight, config)
+    trainer = make_trainer(llm, lm_weight, config, lambda: (cache.read(i) for i in train_ids))
     optimizer = torch.optim.AdamW(
         [p for p in trainer.module.parameters() if p.requires_grad], lr=config.lr
     )

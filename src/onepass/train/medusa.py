@@ -72,6 +72,6 @@ class MedusaTrainer:
         return self.module.tensors()
 
 
-def make_trainer(llm: Any, lm_weight: Tensor, config: Any) -> MedusaTrainer:
+def make_trainer(llm: Any, lm_weight: Tensor, config: Any, samples: Any = None) -> MedusaTrainer:
     num_heads = int(config.extra.get("num_heads", DEFAULT_HEADS))
     return MedusaTrainer(llm.model_config.hidden_size, lm_weight, num_heads, config.positions)
