@@ -86,14 +86,14 @@ def test_greedy_identity_on_the_default_model(llm, tmp_path):
     from lossless import compare_greedy
 
     spec = {"method": "medusa", "heads": write_heads(llm, tmp_path)}
-    for kind in ("chat", "math"):
-        ids = llm.chat_token_ids([{"role": "user", "content": KINDS[kind]}])
-        result = compare_greedy(llm, ids, spec, 48)
-        assert result.identical or result.near_tie, f"{kind}: differs at {result.first_difference}"
-    # The check has teeth: some drafts were accepted (the identity heads guess repeats).
+    ids = llm.chat_token_ids([{"role": "user", "content": KINDS["math"]}])
     params = SamplingParams(temperature=0, max_tokens=48)
-    out = llm.chat([{"role": "user", "content": KINDS["math"]}], params, speculative_config=spec)
-    assert out[0].metrics.spec.num_accepted_tokens > 0
+    plain = llm.generate({"prompt_token_ids": ids}, params)[0].outputs[0].token_ids
+    fast = llm.generate({"prompt_token_ids": ids}, params, speculative_config=spec)[0]
+    if fast.outputs[0].token_ids != plain:
+        result = compare_greedy(llm, ids, spec, 48)
+        assert result.near_tie, f"differs at token {result.first_difference}, not a near-tie"
+    assert fast.metrics.spec.num_accepted_tokens > 0  # the check has teeth
 
 
 def test_the_dynamic_tree_takes_the_most_probable_paths_best_first():

@@ -9,11 +9,12 @@ state of the root, hence the root's children. The dynamic tree then grows level 
 root) are expanded in one head forward each level, with tree attention among the draft rows,
 each into its `top_k` best children; after `depth` levels, all nodes are reranked by path
 probability and the best `max_nodes` kept (a child never scores above its parent, so the kept
-set is a tree). Draft rows of the head's cache are dropped after each proposal: the next
-verdict feeds the accepted tokens again with the target's own hidden states.
+set is a tree). Draft rows written to the head's cache after its committed rows are
+overwritten by the next verdict, which feeds the accepted tokens again with the target's own
+hidden states.
 
-The head sees the request from its first generated token on (the prompt's hidden states are not
-produced by the engine's prefill), and the first step drafts nothing. Drafts are deterministic
+The head sees the request from the prompt's last token on (the prefill's output holds only that
+row's hidden state: Drafter.observe_prompt), and trains the same way. Drafts are deterministic
 (draft_probs = None), so verification stays exact under greedy decoding and sampling.
 """
 
@@ -85,22 +86,31 @@ class EagleDrafter(Drafter):
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         self.length, self.last = 0, None
+        self.root_position = len(prompt_ids) - 1  # observe_prompt's row: the last prompt token
+
+    def observe_prompt(self, out: ModelOutput, first_token: int) -> None:
+        # The prompt's last row, at the position just before the first root.
+        self._feed(out, [out.logits.shape[0] - 1], [first_token], self.root_position)
 
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
+        rows = [0, *(i + 1 for i in verdict.path)]  # the root's row and the accepted nodes'
+        self._feed(out, rows, verdict.tokens, self.root_position)
+
+    def _feed(self, out: ModelOutput, rows: list[int], next_tokens: list[int], at: int) -> None:
+        """Append rows (h_t, e(x_{t+1})) at positions at, at + 1, ... to the head's cache; the
+        last one's output guesses the hidden state of the next root."""
         if out.hidden is None:
             raise ValueError("eagle needs the target's hidden states (ModelOutput.hidden)")
-        rows = [0, *(i + 1 for i in verdict.path)]  # the root's row and the accepted nodes'
         n = len(rows)
-        positions = torch.arange(self.root_position, self.root_position + n)
+        positions = torch.arange(at, at + n)
         with torch.inference_mode():
             hidden = out.hidden[rows].float()  # [n, H]: h_t
-            embedded = self.shared.embed(torch.tensor(verdict.tokens)).float()  # e(x_{t+1})
-            g, k, v = self.shared.head(hidden, embedded, positions, self._past())
-        end = self.length + n
-        if end > self.shared.max_len:  # the request outgrew the cache: stop drafting
-            self.last = None
-            return
-        self.k_cache[self.length : end], self.v_cache[self.length : end] = k, v
+            embedded = self.shared.embed(torch.tensor(next_tokens)).float()  # e(x_{t+1})
+            end = self.length + n
+            if end > self.shared.max_len:  # the request outgrew the cache: stop drafting
+                self.last = None
+                return
+            g = self.shared.head(hidden, embedded, positions, self._cache(), self.length)
         self.length, self.last = end, g[-1]
 
     def propose(self, state: DecodeState) -> Draft:
@@ -120,24 +130,20 @@ class EagleDrafter(Drafter):
         # Level 1: the root's children from the head's guess of the root's hidden state.
         level = self._children(self.last[None], [-1], [0.0], tokens, parents, scores, depths)
         features = {-1: self.last}  # node -> the head's output at its row (its own guess)
-        draft_k: list[Tensor] = []  # per level: [e, kv_heads, head_dim]
-        draft_v: list[Tensor] = []
-        drafted = 0  # draft rows so far
+        drafted = 0  # draft rows written after the committed ones in the head's cache
         rows_of: dict[int, int] = {}  # expanded node -> its draft row
         for d in range(1, depth):
             expand = sorted(level, key=lambda i: -scores[i])[:top_k]
             hidden = torch.stack([features[parents[i]] for i in expand])  # [e, H]
             embedded = self.shared.embed(torch.tensor([tokens[i] for i in expand])).float()
             positions = torch.full((len(expand),), self.root_position + d - 1)
+            if self.length + drafted + len(expand) > self.shared.max_len:
+                break
             mask = self._tree_mask(expand, parents, rows_of, drafted)
-            past_k = torch.cat([self.k_cache[: self.length], *draft_k])
-            past_v = torch.cat([self.v_cache[: self.length], *draft_v])
-            g, k, v = head(hidden, embedded, positions, (past_k, past_v), mask)
+            g = head(hidden, embedded, positions, self._cache(), self.length + drafted, mask)
             for j, node in enumerate(expand):
                 rows_of[node] = drafted + j
                 features[node] = g[j]
-            draft_k.append(k)
-            draft_v.append(v)
             drafted += len(expand)
             level = self._children(
                 g, expand, [scores[i] for i in expand], tokens, parents, scores, depths
@@ -192,8 +198,8 @@ class EagleDrafter(Drafter):
                 ancestor = parents[ancestor]
         return mask
 
-    def _past(self) -> tuple[Tensor, Tensor]:
-        return self.k_cache[: self.length], self.v_cache[: self.length]
+    def _cache(self) -> tuple[Tensor, Tensor]:
+        return self.k_cache, self.v_cache
 
 
 def build(options: Options, context: DraftContext) -> EagleDrafter:

@@ -6,7 +6,7 @@ row of the last accepted token (the root's row when nothing was accepted) holds 
 which the target drew the next root t + 1; head k guesses token t + 1 + k, so head 1 gives the
 root's children, head 2 their children, and so on. Medusa-1 heads do not see the tokens
 chosen above them, so a node's token depends only on its depth and its rank among siblings.
-The first step after the prompt drafts nothing (the prefill's hidden state is not observed).
+The first proposal reads the prompt's last row, from the prefill (Drafter.observe_prompt).
 
 Trees: a static template of Medusa-style rank paths (vLLM's `speculative_token_tree`), or,
 by default, dynamic: the `max_nodes` paths of highest estimated probability (the product of
@@ -115,10 +115,17 @@ class MedusaDrafter(Drafter):
         tokens = [self.candidates[len(p) - 1][p[-1]] for p in paths]
         return Draft(tokens, Tree(parents))
 
+    def observe_prompt(self, out: ModelOutput, first_token: int) -> None:
+        self._guess(out, out.logits.shape[0] - 1)  # the prompt's last row
+
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
+        self._guess(out, verdict.path[-1] + 1 if verdict.path else 0)
+
+    def _guess(self, out: ModelOutput, row: int) -> None:
+        """Each head's candidates from the hidden state of the forward's row `row` (the last
+        accepted token, whose successor is the next root)."""
         if out.hidden is None:
             raise ValueError("medusa needs the target's hidden states (ModelOutput.hidden)")
-        row = verdict.path[-1] + 1 if verdict.path else 0
         with torch.inference_mode():
             features = self.heads(out.hidden[row : row + 1].float())[0]  # [K, H]
             logits = self.lm_head(features.to(out.hidden.dtype)).float()  # [K, vocab]

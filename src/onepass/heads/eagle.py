@@ -74,34 +74,38 @@ class EagleHead(nn.Module):
         hidden: Tensor,
         embedded: Tensor,
         positions: Tensor,
-        past: tuple[Tensor, Tensor] | None = None,
+        cache: tuple[Tensor, Tensor] | None = None,
+        start: int = 0,
         mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """hidden, embedded: [n, H] (h_t and e(x_{t+1})); positions: [n]; past: the cache's
-        (k, v), each [p, kv_heads, head_dim]; mask: [n, p + n] bool (None: causal over the new
-        rows, all of the past). Returns g [n, H] and the new rows' k, v [n, kv_heads, hd]."""
-        n = hidden.shape[0]
+    ) -> Tensor:
+        """hidden, embedded: [n, H] (h_t and e(x_{t+1})); positions: [n]. cache: (k, v)
+        buffers [max_len, kv_heads, head_dim] whose rows before `start` are the past: the new
+        rows' k, v are written at start..start+n-1 (None: no past, nothing kept). mask:
+        [n, start + n] bool (None: all of the past, causal among the new rows).
+        Returns g [n, H], the guesses of h_{t+1}."""
+        n, kv, hd = hidden.shape[0], self.num_kv_heads, self.head_dim
         x = self.fc(torch.cat([hidden, embedded], -1))  # [n, H]
-        q = self.rotate(self.q(x).view(n, self.num_heads, self.head_dim), positions)
-        k = self.rotate(self.k(x).view(n, self.num_kv_heads, self.head_dim), positions)
-        v = self.v(x).view(n, self.num_kv_heads, self.head_dim)
-        keys, values = (
-            (k, v) if past is None else (torch.cat([past[0], k]), torch.cat([past[1], v]))
-        )
+        q = self.rotate(self.q(x).view(n, self.num_heads, hd), positions)
+        k = self.rotate(self.k(x).view(n, kv, hd), positions)
+        v = self.v(x).view(n, kv, hd)
+        if cache is None:
+            keys, values = k, v
+        else:
+            cache[0][start : start + n], cache[1][start : start + n] = k, v
+            keys, values = cache[0][: start + n], cache[1][: start + n]
         if mask is None:
-            p = keys.shape[0] - n
-            mask = torch.ones(n, p + n, dtype=torch.bool).tril(p)
-        group = self.num_heads // self.num_kv_heads
+            mask = torch.ones(n, start + n, dtype=torch.bool).tril(start)
+        # Grouped-query attention without copying the keys: each KV head's query heads are
+        # stacked as rows ([kv, group * n, hd]) against its keys [kv, length, hd].
+        group = self.num_heads // kv
+        q = q.view(n, kv, group, hd).permute(1, 2, 0, 3).reshape(kv, group * n, hd)
         attn = F.scaled_dot_product_attention(
-            q.transpose(0, 1),  # [heads, n, hd]
-            keys.repeat_interleave(group, 1).transpose(0, 1),
-            values.repeat_interleave(group, 1).transpose(0, 1),
-            attn_mask=mask,
-        )  # [heads, n, hd]
-        x = x + self.o(attn.transpose(0, 1).reshape(n, -1))
+            q, keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask.repeat(group, 1)
+        )  # [kv, group * n, hd]
+        attn = attn.view(kv, group, n, hd).permute(2, 0, 1, 3).reshape(n, -1)
+        x = x + self.o(attn)
         y = self.norm(x)
-        x = x + self.down(F.silu(self.gate(y)) * self.up(y))
-        return x, k, v
+        return x + self.down(F.silu(self.gate(y)) * self.up(y))
 
     def config(self) -> dict[str, int | float]:
         return {

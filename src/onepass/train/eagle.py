@@ -51,9 +51,9 @@ class EagleTrainer:
         total, rows = torch.zeros(()), 0
         counts = torch.zeros(1, 2)
         for s in samples:
-            # Rows t = start..T-2, as the drafter feeds them: from the first answer token on
-            # (the engine's prefill gives the drafter no hidden states of the prompt).
-            t = torch.arange(s.start, len(s.ids) - 1)
+            # Rows t = start-1..T-2, as the drafter feeds them: from the prompt's last token on
+            # (the prefill gives the drafter only that row's hidden state).
+            t = torch.arange(s.start - 1, len(s.ids) - 1)
             if len(t) < 2 or s.first > s.start:
                 continue
             hidden = s.hidden[t - s.first]  # [n, H] h_t
@@ -63,7 +63,7 @@ class EagleTrainer:
                 inputs = inputs + NOISE * noise
             with torch.no_grad():
                 embedded = self.embed(s.ids[t + 1]).float()  # e(x_{t+1})
-            g, _, _ = self.module(inputs, embedded, t)  # [n, H], guesses of h_{t+1}
+            g = self.module(inputs, embedded, t)  # [n, H], guesses of h_{t+1}
             feature_loss = F.smooth_l1_loss(g[:-1], hidden[1:], reduction="sum") / g.shape[1]
             logits = g[:-1] @ self.lm_rows.T  # [n - 1, draft vocab]
             target = self.index[s.ids[t[:-1] + 2]]  # x_{t+2} in the draft vocabulary, or -1
