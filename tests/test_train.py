@@ -107,3 +107,18 @@ def test_train_medusa_on_the_tiny_model_resume_and_decode(tiny_llm, tmp_path):
     fast = tiny_llm.generate("Count from one", params, speculative_config=spec)[0]
     assert fast.outputs[0].token_ids == plain
     assert fast.metrics.spec.num_drafts > 0
+
+
+@pytest.mark.parametrize("method", ["medusa", "eagle"])
+def test_the_train_command(tiny_llm, tmp_path, capsys, method):
+    from onepass.cli import main
+
+    data = truncated_file(tmp_path / "data.json", 8)
+    argv = ["train", method, "--model", str(tiny_llm.cache_dir.parent), "--data", str(data)]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "out")]
+    argv += ["--max-samples", "6", "--max-steps", "2", "--max-length", "96", "--draft-vocab", "64"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2 and summary["command"].startswith(f"onepass train {method}")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["method"] == method and config["target"]["name"] == tiny_llm.model_name

@@ -48,6 +48,12 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--max-length", type=int, default=384, help="tokens per sample")
     p.add_argument("--answer-tokens", type=int, default=256, help="answer tokens per sample")
     p.add_argument("--num-heads", type=int, default=3, help="medusa: heads (default: 3)")
+    p.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=8192,
+        help="eagle: the draft vocabulary's size, most frequent tokens (default: %(default)s)",
+    )
     p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="(default: %(default)s)")
     p.add_argument("--output", default=None, help="head directory (default: in the cache)")
     p.add_argument("--restart", action="store_true", help="ignore an earlier checkpoint")
