@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from onepass.draft import DecodeState, Draft, Verdict
 from onepass.drafters.base import Drafter
@@ -168,7 +169,8 @@ class EagleDrafter(Drafter):
     ) -> list[int]:
         """Add the top_k children of each of `nodes` (-1: the root) from the head's outputs g
         [e, H]; returns the new nodes."""
-        logp = torch.log_softmax(g @ self.shared.lm_rows.T, -1)  # [e, draft vocab]
+        logits = F.linear(g, self.shared.lm_rows)  # [e, draft vocab] (not g @ W.T: slower)
+        logp = torch.log_softmax(logits, -1)
         best, index = logp.topk(self.options.top_k, -1)
         ids = self.shared.head.draft_vocab[index]  # [e, top_k] target ids
         added = []

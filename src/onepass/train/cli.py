@@ -51,8 +51,14 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument(
         "--draft-vocab",
         type=int,
-        default=8192,
+        default=4096,
         help="eagle: the draft vocabulary's size, most frequent tokens (default: %(default)s)",
+    )
+    p.add_argument(
+        "--intermediate-size",
+        type=int,
+        default=None,
+        help="eagle: the head's MLP size (default: the model's hidden size)",
     )
     p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="(default: %(default)s)")
     p.add_argument("--output", default=None, help="head directory (default: in the cache)")
@@ -69,6 +75,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         extra = {"num_heads": args.num_heads}
     else:
         extra = {"draft_vocab": args.draft_vocab}
+        if args.intermediate_size is not None:
+            extra["intermediate_size"] = args.intermediate_size
     config = TrainConfig(
         method=args.method,
         model=args.model,

@@ -17,7 +17,9 @@ from torch.nn import functional as F
 from onepass.heads.eagle import METHOD, EagleHead
 from onepass.train.features import Sample
 
-DEFAULT_DRAFT_VOCAB = 8192
+DEFAULT_DRAFT_VOCAB = 4096
+"""On the default model the 4096 most frequent answer tokens of 200 ShareGPT answers cover 94%
+of them; the draft LM head's rows are read at every draft level (4096 x 576 fp32: 9.4 MB)."""
 TOKEN_WEIGHT = 0.1  # EAGLE's weight of the token loss next to the feature loss
 NOISE = 0.1  # half-width of the uniform noise on input features (EAGLE: U(-0.1, 0.1))
 
@@ -92,7 +94,9 @@ def make_trainer(llm: Any, lm_weight: Tensor, config: Any, samples: Any) -> Eagl
         c.num_heads,
         c.num_kv_heads,
         c.head_dim,
-        int(config.extra.get("intermediate_size", c.intermediate_size)),
+        # The MLP dominates the layer's weights, read once per draft level: at the hidden size
+        # (not the target's 1536 on the default model) the layer reads 10 MB, not 17 MB.
+        int(config.extra.get("intermediate_size", c.hidden_size)),
         c.rope_theta,
         c.rms_norm_eps,
         vocab,
