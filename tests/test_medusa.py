@@ -15,11 +15,12 @@ from onepass.heads.medusa import MedusaHeads
 PROMPTS = ["The quick brown fox", "def add(a, b):", "1, 2, 3, 4,"]
 
 
-def write_heads(llm, path, num_heads=3, scale=0.0, seed=0):
+def write_heads(llm, path, num_heads=3, scale=0.0, seed=0, draft_vocab=None):
     """Heads for `llm` (scale 0: each head repeats the target's next-token guess, which real
     text sometimes accepts; > 0: random residual blocks)."""
     torch.manual_seed(seed)
-    heads = MedusaHeads(num_heads, llm.model_config.hidden_size)
+    vocab = None if draft_vocab is None else torch.arange(draft_vocab)
+    heads = MedusaHeads(num_heads, llm.model_config.hidden_size, vocab)
     with torch.no_grad():
         heads.weight.normal_(0, scale)
         heads.bias.normal_(0, scale)
@@ -32,9 +33,12 @@ def outputs(llm, prompts, params, spec=None):
     return [r.outputs[0].token_ids for r in results], results
 
 
-@pytest.mark.parametrize("tree", [None, [[0], [1], [0, 0], [0, 1], [0, 0, 0]]])
-def test_greedy_output_is_plain_greedy_output(tiny_llm, tmp_path, tree):
-    spec = {"method": "medusa", "heads": write_heads(tiny_llm, tmp_path, scale=0.5)}
+@pytest.mark.parametrize(
+    ("tree", "vocab"), [(None, None), ([[0], [1], [0, 0], [0, 1], [0, 0, 0]], 512)]
+)
+def test_greedy_output_is_plain_greedy_output(tiny_llm, tmp_path, tree, vocab):
+    heads = write_heads(tiny_llm, tmp_path, scale=0.5, draft_vocab=vocab)
+    spec = {"method": "medusa", "heads": heads}
     if tree is not None:
         spec["speculative_token_tree"] = str([tuple(p) for p in tree])  # vLLM's string form
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
@@ -85,7 +89,7 @@ def test_greedy_identity_on_the_default_model(llm, tmp_path):
     from lossless import PROMPTS as KINDS
     from lossless import compare_greedy
 
-    spec = {"method": "medusa", "heads": write_heads(llm, tmp_path)}
+    spec = {"method": "medusa", "heads": write_heads(llm, tmp_path, draft_vocab=8192)}
     ids = llm.chat_token_ids([{"role": "user", "content": KINDS["math"]}])
     params = SamplingParams(temperature=0, max_tokens=48)
     plain = llm.generate({"prompt_token_ids": ids}, params)[0].outputs[0].token_ids

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from onepass.draft import DecodeState, Draft, Verdict
 from onepass.drafters.base import Drafter
-from onepass.drafters.medusa import target_of
+from onepass.drafters.medusa import lm_head_rows, target_of
 from onepass.errors import InputError
 from onepass.heads.eagle import METHOD, EagleHead
 from onepass.heads.files import find_heads, load_heads
@@ -215,9 +215,6 @@ def build(options: Options, context: DraftContext) -> EagleDrafter:
     if head.hidden_size != target.hidden_size or int(head.draft_vocab.max()) >= target.vocab_size:
         raise InputError(f"the eagle head in {path} does not fit the target's sizes")
     backend = context.backend
-    with torch.inference_mode():
-        # The LM head's rows, read through the backend's own product: x = I gives W^T exactly.
-        eye = torch.eye(target.hidden_size, dtype=backend.dtype, device=backend.device)
-        lm_rows = backend.lm_head(eye).float().T[head.draft_vocab].contiguous().cpu()
+    lm_rows = lm_head_rows(backend, head.draft_vocab)
     shared = Shared(head, backend.embeddings, lm_rows, backend.max_len)
     return EagleDrafter(options, shared, context.num_speculative_tokens or options.max_nodes)

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
+from torch.nn import functional as F
 
 from onepass.draft import DecodeState, Draft, Verdict
 from onepass.drafters.base import Drafter
@@ -82,7 +84,9 @@ class MedusaDrafter(Drafter):
     def __init__(self, options: Options, heads: MedusaHeads, lm_head: Any, max_nodes: int) -> None:
         self.options = options
         self.heads = heads  # shared by every fork, never changed
-        self.lm_head = lm_head  # the target's (shared, frozen): [n, H] -> [n, vocab]
+        # The target's LM head (shared, frozen): [n, H] -> [n, vocab]; with a draft vocabulary,
+        # its rows for those tokens, [V, H].
+        self.lm_head = lm_head
         self.max_nodes = max_nodes
         self.template: tuple[Tree, list[tuple[int, ...]]] | None = None
         if options.speculative_token_tree is not None:
@@ -128,8 +132,14 @@ class MedusaDrafter(Drafter):
             raise ValueError("medusa needs the target's hidden states (ModelOutput.hidden)")
         with torch.inference_mode():
             features = self.heads(out.hidden[row : row + 1].float())[0]  # [K, H]
-            logits = self.lm_head(features.to(out.hidden.dtype)).float()  # [K, vocab]
+            vocab = self.heads.draft_vocab
+            if vocab is None:
+                logits = self.lm_head(features.to(out.hidden.dtype)).float()  # [K, vocab]
+            else:
+                logits = F.linear(features, self.lm_head)  # [K, draft vocab]: lm_head = rows
             probs, tokens = torch.softmax(logits, -1).topk(self.top_k, -1)  # [K, top_k]
+            if vocab is not None:
+                tokens = vocab[tokens]
         self.candidates, self.probs = tokens.tolist(), probs.tolist()
 
     def _static_paths(self) -> list[tuple[int, ...]]:
@@ -184,4 +194,17 @@ def build(options: Options, context: DraftContext) -> MedusaDrafter:
     max_nodes = context.num_speculative_tokens or options.max_nodes
     if options.speculative_token_tree is not None and context.num_speculative_tokens is None:
         max_nodes = len(options.speculative_token_tree)
-    return MedusaDrafter(options, heads.eval(), context.backend.lm_head, max_nodes)
+    lm_head = context.backend.lm_head
+    if heads.draft_vocab is not None:
+        if int(heads.draft_vocab.max()) >= target.vocab_size:
+            raise InputError(f"the medusa heads in {path} name tokens past the vocabulary")
+        lm_head = lm_head_rows(context.backend, heads.draft_vocab)
+    return MedusaDrafter(options, heads.eval(), lm_head, max_nodes)
+
+
+def lm_head_rows(backend: Any, ids: Tensor) -> Tensor:
+    """[len(ids), H] float32: the target's LM head rows for these tokens, read through the
+    backend's own product (x = I gives W^T exactly, whatever format the weights are kept in)."""
+    with torch.inference_mode():
+        eye = torch.eye(backend.config.hidden_size, dtype=backend.dtype, device=backend.device)
+        return backend.lm_head(eye).float().T[ids].contiguous().cpu()

@@ -52,7 +52,8 @@ def add_train_parser(sub: Any) -> None:
         "--draft-vocab",
         type=int,
         default=4096,
-        help="eagle: the draft vocabulary's size, most frequent tokens (default: %(default)s)",
+        help="the draft vocabulary's size: the heads guess among the most frequent answer "
+        "tokens (FR-Spec); 0 = the whole vocabulary, medusa only (default: %(default)s)",
     )
     p.add_argument(
         "--intermediate-size",
@@ -71,10 +72,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from onepass.train.loop import TrainConfig, train
 
+    extra = {"draft_vocab": args.draft_vocab}
     if args.method == "medusa":
-        extra = {"num_heads": args.num_heads}
-    else:
-        extra = {"draft_vocab": args.draft_vocab}
+        extra["num_heads"] = args.num_heads
         if args.intermediate_size is not None:
             extra["intermediate_size"] = args.intermediate_size
     config = TrainConfig(

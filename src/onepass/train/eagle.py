@@ -7,7 +7,7 @@ data's most frequent answer tokens, plus the end-of-turn tokens."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -15,24 +15,10 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from onepass.heads.eagle import METHOD, EagleHead
-from onepass.train.features import Sample
+from onepass.train.features import DEFAULT_DRAFT_VOCAB, Sample, draft_vocabulary
 
-DEFAULT_DRAFT_VOCAB = 4096
-"""On the default model the 4096 most frequent answer tokens of 200 ShareGPT answers cover 94%
-of them; the draft LM head's rows are read at every draft level (4096 x 576 fp32: 9.4 MB)."""
 TOKEN_WEIGHT = 0.1  # EAGLE's weight of the token loss next to the feature loss
 NOISE = 0.1  # half-width of the uniform noise on input features (EAGLE: U(-0.1, 0.1))
-
-
-def draft_vocabulary(samples: Iterable[Sample | None], vocab_size: int, size: int, keep: list[int]):
-    """[size] target ids: `keep`, then the most frequent answer tokens (ties by id)."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for s in samples:
-        if s is not None:
-            counts += torch.bincount(s.ids[s.start :], minlength=vocab_size)[:vocab_size]
-    counts[keep] = counts.max() + 1
-    order = torch.sort(-counts, stable=True).indices
-    return order[: min(size, vocab_size)]
 
 
 class EagleTrainer:
@@ -86,7 +72,7 @@ class EagleTrainer:
 
 def make_trainer(llm: Any, lm_weight: Tensor, config: Any, samples: Any) -> EagleTrainer:
     c = llm.model_config
-    size = int(config.extra.get("draft_vocab", DEFAULT_DRAFT_VOCAB))
+    size = int(config.extra.get("draft_vocab", DEFAULT_DRAFT_VOCAB)) or lm_weight.shape[0]
     vocab = draft_vocabulary(samples(), lm_weight.shape[0], size, list(llm.eos_token_ids))
     torch.manual_seed(config.seed)
     head = EagleHead(

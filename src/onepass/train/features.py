@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,10 @@ from onepass.heads.files import Target
 from onepass.models.base import Rows
 
 FEATURES_DIR = "train/features"
+DEFAULT_DRAFT_VOCAB = 4096
+"""Draft vocabulary size (FR-Spec): on the default model the 4096 most frequent answer tokens
+of 200 ShareGPT answers cover 94% of them; the heads read 4096 of the LM head's rows (9.4 MB in
+fp32) instead of 49152 (113 MB)."""
 FORMAT = 2
 
 
@@ -177,3 +181,14 @@ def prompt_room(llm: Any, question: str, settings: DataSettings) -> tuple[list[i
     if len(prompt) > settings.max_length // 2 or budget < 2:
         return None
     return prompt, budget
+
+
+def draft_vocabulary(samples: Iterable[Sample | None], vocab_size: int, size: int, keep: list[int]):
+    """[size] target ids: `keep`, then the most frequent answer tokens (ties by id)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for s in samples:
+        if s is not None:
+            counts += torch.bincount(s.ids[s.start :], minlength=vocab_size)[:vocab_size]
+    counts[keep] = counts.max() + 1
+    order = torch.sort(-counts, stable=True).indices
+    return order[: min(size, vocab_size)]

@@ -1,6 +1,7 @@
 """Training Medusa-1 heads (heads/medusa.py) on cached hidden states: head k at row t learns
-token t + 1 + k of the sample's answer, by cross-entropy through the target's frozen LM head,
-head k's loss weighted 0.8^(k-1) as in the Medusa paper."""
+token t + 1 + k of the sample's answer, by cross-entropy through the target's frozen LM head
+restricted to the draft vocabulary (answer tokens outside it are left out of the loss and count
+as misses), head k's loss weighted 0.8^(k-1) as in the Medusa paper."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from onepass.heads.medusa import METHOD, MedusaHeads
-from onepass.train.features import Sample
+from onepass.train.features import DEFAULT_DRAFT_VOCAB, Sample, draft_vocabulary
 
 DEFAULT_HEADS = 3
 HEAD_DECAY = 0.8
@@ -21,11 +22,17 @@ HEAD_DECAY = 0.8
 class MedusaTrainer:
     method = METHOD
 
-    def __init__(self, hidden_size: int, lm_weight: Tensor, num_heads: int, positions: int):
-        self.module = MedusaHeads(num_heads, hidden_size)
-        self.lm_weight = lm_weight  # [vocab, H], frozen
-        self.num_outputs = num_heads
+    def __init__(self, heads: MedusaHeads, lm_weight: Tensor, positions: int):
+        self.module = heads
+        self.num_outputs = heads.num_heads
         self.positions = positions
+        vocab = heads.draft_vocab
+        if vocab is None:
+            vocab = torch.arange(lm_weight.shape[0])
+        self.lm_rows = lm_weight[vocab]  # [V, H], frozen
+        # target id -> draft index (-1: outside the draft vocabulary)
+        self.index = torch.full((lm_weight.shape[0],), -1, dtype=torch.long)
+        self.index[vocab] = torch.arange(vocab.shape[0])
 
     def loss(
         self, samples: Sequence[Sample], generator: torch.Generator, all_positions: bool = False
@@ -36,11 +43,12 @@ class MedusaTrainer:
         counts = torch.zeros(self.num_outputs, 2)
         for k in range(self.num_outputs):
             valid = labels[:, k] >= 0
-            if not valid.any():
+            target = self.index[labels[valid, k]]  # draft indices, -1 outside the vocabulary
+            known = target >= 0
+            if not known.any():
                 continue
-            logits = features[valid, k] @ self.lm_weight.T  # [m, vocab]
-            target = labels[valid, k]
-            total = total + HEAD_DECAY**k * F.cross_entropy(logits, target)
+            logits = F.linear(features[valid, k], self.lm_rows)  # [m, V]
+            total = total + HEAD_DECAY**k * F.cross_entropy(logits[known], target[known])
             counts[k, 0] += float((logits.argmax(-1) == target).sum())
             counts[k, 1] += int(valid.sum())
         return total, counts
@@ -72,6 +80,11 @@ class MedusaTrainer:
         return self.module.tensors()
 
 
-def make_trainer(llm: Any, lm_weight: Tensor, config: Any, samples: Any = None) -> MedusaTrainer:
+def make_trainer(llm: Any, lm_weight: Tensor, config: Any, samples: Any) -> MedusaTrainer:
     num_heads = int(config.extra.get("num_heads", DEFAULT_HEADS))
-    return MedusaTrainer(llm.model_config.hidden_size, lm_weight, num_heads, config.positions)
+    size = int(config.extra.get("draft_vocab", DEFAULT_DRAFT_VOCAB))
+    vocab = None
+    if size:  # 0: the whole vocabulary
+        vocab = draft_vocabulary(samples(), lm_weight.shape[0], size, list(llm.eos_token_ids))
+    heads = MedusaHeads(num_heads, llm.model_config.hidden_size, vocab)
+    return MedusaTrainer(heads, lm_weight, config.positions)
