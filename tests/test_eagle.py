@@ -157,3 +157,18 @@ def test_the_heads_cached_steps_equal_its_whole_sequence_forward():
             for a, b in ((0, 3), (3, 4), (4, 7))
         ]
     torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_the_heads_projections_on_the_targets_gemm_give_its_own_outputs(llm):
+    """Drafting runs the head's matrices on the target's GEMM kernels (NativeDecoder.linear)."""
+    torch.manual_seed(1)
+    c = llm.model_config
+    head = EagleHead(
+        c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, 64, 1e4, 1e-6, torch.arange(8)
+    ).eval()
+    linears = {name: llm.backend.linear(m.weight, m.bias) for name, m in head.projections().items()}
+    hidden, embedded = torch.randn(3, c.hidden_size), torch.randn(3, c.hidden_size)
+    with torch.no_grad():
+        ours = head(hidden, embedded, torch.arange(3))
+        theirs = head(hidden, embedded, torch.arange(3), linears=linears)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)

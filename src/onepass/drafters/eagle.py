@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from onepass.draft import DecodeState, Draft, Verdict
 from onepass.drafters.base import Drafter
@@ -67,8 +66,10 @@ class Shared:
     head's rows for the draft vocabulary."""
 
     head: EagleHead
+    linears: dict[str, Any]
+    """The head's projections on the target's GEMM (NativeDecoder.linear)."""
     embed: Any  # [n] ids -> [n, H]
-    lm_rows: Tensor  # [draft vocab, H]
+    lm_head: Any  # [n, H] -> [n, draft vocab]: the target's LM head rows
     max_len: int
 
 
@@ -111,7 +112,7 @@ class EagleDrafter(Drafter):
             if end > self.shared.max_len:  # the request outgrew the cache: stop drafting
                 self.last = None
                 return
-            g = self.shared.head(hidden, embedded, positions, self._cache(), self.length)
+            g = self._head(hidden, embedded, positions, self.length)
         self.length, self.last = end, g[-1]
 
     def propose(self, state: DecodeState) -> Draft:
@@ -123,7 +124,7 @@ class EagleDrafter(Drafter):
             return self._grow(limit, min(self.options.depth, state.max_depth))
 
     def _grow(self, limit: int, depth: int) -> Draft:
-        head, top_k = self.shared.head, self.options.top_k
+        top_k = self.options.top_k
         tokens: list[int] = []
         parents: list[int] = []
         scores: list[float] = []  # log path probabilities
@@ -141,7 +142,7 @@ class EagleDrafter(Drafter):
             if self.length + drafted + len(expand) > self.shared.max_len:
                 break
             mask = self._tree_mask(expand, parents, rows_of, drafted)
-            g = head(hidden, embedded, positions, self._cache(), self.length + drafted, mask)
+            g = self._head(hidden, embedded, positions, self.length + drafted, mask)
             for j, node in enumerate(expand):
                 rows_of[node] = drafted + j
                 features[node] = g[j]
@@ -169,8 +170,7 @@ class EagleDrafter(Drafter):
     ) -> list[int]:
         """Add the top_k children of each of `nodes` (-1: the root) from the head's outputs g
         [e, H]; returns the new nodes."""
-        logits = F.linear(g, self.shared.lm_rows)  # [e, draft vocab] (not g @ W.T: slower)
-        logp = torch.log_softmax(logits, -1)
+        logp = torch.log_softmax(self.shared.lm_head(g), -1)  # [e, draft vocab]
         best, index = logp.topk(self.options.top_k, -1)
         ids = self.shared.head.draft_vocab[index]  # [e, top_k] target ids
         added = []
@@ -200,8 +200,17 @@ class EagleDrafter(Drafter):
                 ancestor = parents[ancestor]
         return mask
 
-    def _cache(self) -> tuple[Tensor, Tensor]:
-        return self.k_cache, self.v_cache
+    def _head(
+        self,
+        hidden: Tensor,
+        embedded: Tensor,
+        positions: Tensor,
+        start: int,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        cache = (self.k_cache, self.v_cache)
+        linears = self.shared.linears
+        return self.shared.head(hidden, embedded, positions, cache, start, mask, linears)
 
 
 def build(options: Options, context: DraftContext) -> EagleDrafter:
@@ -215,6 +224,7 @@ def build(options: Options, context: DraftContext) -> EagleDrafter:
     if head.hidden_size != target.hidden_size or int(head.draft_vocab.max()) >= target.vocab_size:
         raise InputError(f"the eagle head in {path} does not fit the target's sizes")
     backend = context.backend
-    lm_rows = lm_head_rows(backend, head.draft_vocab)
-    shared = Shared(head, backend.embeddings, lm_rows, backend.max_len)
+    lm_head = backend.linear(lm_head_rows(backend, head.draft_vocab))
+    linears = {name: backend.linear(m.weight, m.bias) for name, m in head.projections().items()}
+    shared = Shared(head, linears, backend.embeddings, lm_head, backend.max_len)
     return EagleDrafter(options, shared, context.num_speculative_tokens or options.max_nodes)

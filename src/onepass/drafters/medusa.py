@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from onepass.draft import DecodeState, Draft, Verdict
 from onepass.drafters.base import Drafter
@@ -84,8 +83,8 @@ class MedusaDrafter(Drafter):
     def __init__(self, options: Options, heads: MedusaHeads, lm_head: Any, max_nodes: int) -> None:
         self.options = options
         self.heads = heads  # shared by every fork, never changed
-        # The target's LM head (shared, frozen): [n, H] -> [n, vocab]; with a draft vocabulary,
-        # its rows for those tokens, [V, H].
+        # The target's LM head (shared, frozen): [n, H] -> [n, vocab], or [n, V] restricted to
+        # the heads' draft vocabulary.
         self.lm_head = lm_head
         self.max_nodes = max_nodes
         self.template: tuple[Tree, list[tuple[int, ...]]] | None = None
@@ -136,7 +135,7 @@ class MedusaDrafter(Drafter):
             if vocab is None:
                 logits = self.lm_head(features.to(out.hidden.dtype)).float()  # [K, vocab]
             else:
-                logits = F.linear(features, self.lm_head)  # [K, draft vocab]: lm_head = rows
+                logits = self.lm_head(features)  # [K, draft vocab]
             probs, tokens = torch.softmax(logits, -1).topk(self.top_k, -1)  # [K, top_k]
             if vocab is not None:
                 tokens = vocab[tokens]
@@ -198,7 +197,7 @@ def build(options: Options, context: DraftContext) -> MedusaDrafter:
     if heads.draft_vocab is not None:
         if int(heads.draft_vocab.max()) >= target.vocab_size:
             raise InputError(f"the medusa heads in {path} name tokens past the vocabulary")
-        lm_head = lm_head_rows(context.backend, heads.draft_vocab)
+        lm_head = context.backend.linear(lm_head_rows(context.backend, heads.draft_vocab))
     return MedusaDrafter(options, heads.eval(), lm_head, max_nodes)
 
 

@@ -15,11 +15,14 @@ The head is small next to the target (one layer, a vocabulary of a few thousand 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 METHOD = "eagle"
+LINEARS = ("fc", "q", "k", "v", "o", "gate", "up", "down")
 
 
 class RMSNorm(nn.Module):
@@ -77,17 +80,21 @@ class EagleHead(nn.Module):
         cache: tuple[Tensor, Tensor] | None = None,
         start: int = 0,
         mask: Tensor | None = None,
+        linears: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
     ) -> Tensor:
         """hidden, embedded: [n, H] (h_t and e(x_{t+1})); positions: [n]. cache: (k, v)
         buffers [max_len, kv_heads, head_dim] whose rows before `start` are the past: the new
         rows' k, v are written at start..start+n-1 (None: no past, nothing kept). mask:
-        [n, start + n] bool (None: all of the past, causal among the new rows).
+        [n, start + n] bool (None: all of the past, causal among the new rows). linears: the
+        projections by name (LINEARS) as other callables of the same weights (the target's GEMM
+        kernels when drafting); None: this module's.
         Returns g [n, H], the guesses of h_{t+1}."""
+        lin = linears or self.projections()
         n, kv, hd = hidden.shape[0], self.num_kv_heads, self.head_dim
-        x = self.fc(torch.cat([hidden, embedded], -1))  # [n, H]
-        q = self.rotate(self.q(x).view(n, self.num_heads, hd), positions)
-        k = self.rotate(self.k(x).view(n, kv, hd), positions)
-        v = self.v(x).view(n, kv, hd)
+        x = lin["fc"](torch.cat([hidden, embedded], -1))  # [n, H]
+        q = self.rotate(lin["q"](x).view(n, self.num_heads, hd), positions)
+        k = self.rotate(lin["k"](x).view(n, kv, hd), positions)
+        v = lin["v"](x).view(n, kv, hd)
         if cache is None:
             keys, values = k, v
         else:
@@ -103,9 +110,12 @@ class EagleHead(nn.Module):
             q, keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask.repeat(group, 1)
         )  # [kv, group * n, hd]
         attn = attn.view(kv, group, n, hd).permute(2, 0, 1, 3).reshape(n, -1)
-        x = x + self.o(attn)
+        x = x + lin["o"](attn)
         y = self.norm(x)
-        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+        return x + lin["down"](F.silu(lin["gate"](y)) * lin["up"](y))
+
+    def projections(self) -> dict[str, nn.Linear]:
+        return {name: getattr(self, name) for name in LINEARS}
 
     def config(self) -> dict[str, int | float]:
         return {
