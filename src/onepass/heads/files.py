@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from onepass.cache import HEADS_DIR
 from onepass.errors import InputError
 
 WEIGHTS_FILE = "heads.safetensors"
@@ -22,8 +23,6 @@ CONFIG_FILE = "config.json"
 FORMAT = 1
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "heads"
 """Heads shipped in the package: SHIPPED_DIR / <method>-<fingerprint[:16]>."""
-TRAINED_DIR = "heads"
-"""Heads `onepass train` writes, under onepass's cache dir, named as the shipped ones."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ def find_heads(method: str, target: Target, cache_dir: Path | None) -> Path:
     name = head_dir_name(method, target.fingerprint)
     places = [SHIPPED_DIR / name]
     if cache_dir is not None:
-        places.append(cache_dir / TRAINED_DIR / name)
+        places.append(cache_dir / HEADS_DIR / name)
     for place in places:
         if (place / CONFIG_FILE).exists():
             return place

@@ -28,10 +28,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from onepass.cache import FEATURES_DIR
 from onepass.heads.files import Target
 from onepass.models.base import Rows
 
-FEATURES_DIR = "train/features"
 DEFAULT_DRAFT_VOCAB = 4096
 """Draft vocabulary size (FR-Spec): on the default model the 4096 most frequent answer tokens
 of 200 ShareGPT answers cover 94% of them; the heads read 4096 of the LM head's rows (9.4 MB in

@@ -21,12 +21,12 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from onepass.cache import HEADS_DIR, RUNS_DIR
 from onepass.errors import InputError
-from onepass.heads.files import TRAINED_DIR, head_dir_name, llm_target, save_heads
+from onepass.heads.files import head_dir_name, llm_target, save_heads
 from onepass.train.features import DataSettings, FeatureCache, Sample, prepare
 from onepass.train.sharegpt import default_path, first_turns
 
-RUNS_DIR = "train/runs"
 CHECKPOINT = "checkpoint.pt"
 LOG_EVERY = 10  # steps per point of the training curve
 WARMUP_STEPS = 20
@@ -212,7 +212,7 @@ def train(config: TrainConfig, make_trainer: Any, log: Any = print) -> dict[str,
 
     # 4. Held-out accuracy, the head files and the curve.
     evaluation = evaluate(trainer, [cache.read(i) for i in eval_ids], config.seed)
-    output = Path(config.output) if config.output else cache_dir / TRAINED_DIR
+    output = Path(config.output) if config.output else cache_dir / HEADS_DIR
     if not config.output:
         output = output / head_dir_name(config.method, target.fingerprint)
     summary = {
