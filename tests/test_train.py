@@ -9,6 +9,7 @@ import json
 import pytest
 
 from onepass import SamplingParams
+from onepass.heads.files import llm_target as llm_target_of
 from onepass.train import sharegpt
 from onepass.train.loop import TrainConfig, train
 from onepass.train.medusa import make_trainer
@@ -111,14 +112,28 @@ def test_train_medusa_on_the_tiny_model_resume_and_decode(tiny_llm, tmp_path):
 
 @pytest.mark.parametrize("method", ["medusa", "eagle"])
 def test_the_train_command(tiny_llm, tmp_path, capsys, method):
+    """Both methods from the command line; eagle on the model's own answers (--self-distill)."""
     from onepass.cli import main
 
     data = truncated_file(tmp_path / "data.json", 8)
     argv = ["train", method, "--model", str(tiny_llm.cache_dir.parent), "--data", str(data)]
     argv += ["--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "out")]
     argv += ["--max-samples", "6", "--max-steps", "2", "--max-length", "96", "--draft-vocab", "64"]
+    if method == "eagle":
+        argv += ["--self-distill", "--answer-tokens", "12"]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and summary["command"].startswith(f"onepass train {method}")
+    if method == "eagle":  # the samples hold the target's greedy answers
+        from onepass.train.features import DataSettings, FeatureCache
+
+        settings = DataSettings(str(data), True, 96, 12)
+        cache = FeatureCache(tmp_path / "cache", llm_target_of(tiny_llm), settings)
+        sample = cache.read(0)
+        question = conversations(8)[0]["conversations"][0]["value"]
+        prompt = tiny_llm.chat_template_ids([{"role": "user", "content": question}])
+        greedy = SamplingParams(temperature=0, max_tokens=12)
+        answer = tiny_llm.generate({"prompt_token_ids": prompt}, greedy)[0].outputs[0]
+        assert sample.ids.tolist() == prompt + list(answer.token_ids)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["method"] == method and config["target"]["name"] == tiny_llm.model_name
