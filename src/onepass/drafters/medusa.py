@@ -111,7 +111,7 @@ class MedusaDrafter(Drafter):
         limit = min(self.max_nodes, state.max_draft_tokens)
         if self.candidates is None or limit <= 0 or state.max_depth <= 0:
             return Draft.empty()
-        paths = self._static_paths() if self.template else self._best_paths(limit)
+        paths = self.template[1] if self.template else self._best_paths(limit)  # parents first
         paths = [p for p in paths if len(p) <= state.max_depth][:limit]
         index = {p: i for i, p in enumerate(paths)}
         parents = tuple(index[p[:-1]] if len(p) > 1 else -1 for p in paths)
@@ -131,19 +131,11 @@ class MedusaDrafter(Drafter):
             raise ValueError("medusa needs the target's hidden states (ModelOutput.hidden)")
         with torch.inference_mode():
             features = self.heads(out.hidden[row : row + 1].float())[0]  # [K, H]
-            vocab = self.heads.draft_vocab
-            if vocab is None:
-                logits = self.lm_head(features.to(out.hidden.dtype)).float()  # [K, vocab]
-            else:
-                logits = self.lm_head(features)  # [K, draft vocab]
+            logits = self.lm_head(features.to(out.hidden.dtype)).float()  # [K, (draft) vocab]
             probs, tokens = torch.softmax(logits, -1).topk(self.top_k, -1)  # [K, top_k]
-            if vocab is not None:
-                tokens = vocab[tokens]
+            if self.heads.draft_vocab is not None:
+                tokens = self.heads.draft_vocab[tokens]  # target ids
         self.candidates, self.probs = tokens.tolist(), probs.tolist()
-
-    def _static_paths(self) -> list[tuple[int, ...]]:
-        assert self.template is not None
-        return self.template[1]  # breadth first: parents before children
 
     def _best_paths(self, limit: int) -> list[tuple[int, ...]]:
         """The `limit` rank paths of highest product probability, best first: a path's
