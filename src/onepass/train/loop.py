@@ -187,8 +187,8 @@ def train(config: TrainConfig, make_trainer: Any, log: Any = print) -> dict[str,
                 cache.read(i) for i in batch_indices(step, steps_per_epoch, train_ids, config)
             ]
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(step, total)
+            for group in optimizer.param_groups:  # max_steps cuts the schedule, not rescales it
+                group["lr"] = config.lr * lr_factor(step, planned)
             loss, counts = trainer.loss([s for s in samples if s is not None], generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
