@@ -86,11 +86,19 @@ def test_generate_batches_its_prompts_and_each_output_is_the_one_alone(llm, meth
             assert t.outputs[0].finish_reason == a.outputs[0].finish_reason
 
 
-@pytest.mark.parametrize("method", ["recycling", "suffix", "lookahead", "draft_model"])
-def test_every_drafter_batches_losslessly(tiny_llm, method):
+@pytest.mark.parametrize(
+    "method", ["recycling", "suffix", "lookahead", "draft_model", "medusa", "eagle"]
+)
+def test_every_drafter_batches_losslessly(tiny_llm, tmp_path, method):
     spec = {"method": method}
     if method == "draft_model":
         spec["model"] = str(tiny_llm.cache_dir.parent)
+    if method in ("medusa", "eagle"):  # random heads, each request with its own head cache
+        from test_eagle import write_head
+        from test_medusa import write_heads
+
+        write = write_heads if method == "medusa" else write_head
+        spec["heads"] = write(tiny_llm, tmp_path)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     alone, together = alone_and_together(tiny_llm, params, spec)
     plain = tiny_llm.generate(PROMPTS, params)

@@ -448,3 +448,21 @@ def test_cache_clear_skips_kernels_while_a_build_holds_its_lock(tmp_path, capsys
     (build / "lock").unlink()
     run_cache(["cache", "clear", "--kernels", "--cache-dir", str(tmp_path)], capsys)
     assert not build.exists()
+
+
+def test_cache_lists_and_clears_what_training_keeps(tmp_path, capsys):
+    features = tmp_path / "train" / "features" / "abc-123"
+    features.mkdir(parents=True)
+    (features / "000000.safetensors").write_bytes(b"\0" * 100_000)
+    (tmp_path / "train" / "runs" / "medusa-abc").mkdir(parents=True)
+    (tmp_path / "train" / "runs" / "medusa-abc" / "checkpoint.pt").write_bytes(b"\0" * 10)
+    (tmp_path / "heads" / "medusa-abc").mkdir(parents=True)
+    (tmp_path / "heads" / "medusa-abc" / "config.json").write_text("{}")
+    out = run_cache(["cache", "list", "--cache-dir", str(tmp_path)], capsys)
+    assert "training hidden states" in out and "training checkpoint" in out
+    assert "trained heads" in out and "medusa-abc" in out
+    out = run_cache(["cache", "clear", "--training", "--cache-dir", str(tmp_path)], capsys)
+    assert not features.exists() and not (tmp_path / "train" / "runs" / "medusa-abc").exists()
+    assert (tmp_path / "heads" / "medusa-abc" / "config.json").exists()
+    run_cache(["cache", "clear", "--heads", "--cache-dir", str(tmp_path)], capsys)
+    assert not (tmp_path / "heads" / "medusa-abc").exists()

@@ -1,5 +1,7 @@
 """onepass's cache directory (~/.cache/onepass): converted GGUF models (gguf/), measured cost
-curves (cost_curves.json) and the CPU kernel builds (kernels/).
+curves (cost_curves.json), the CPU kernel builds (kernels/), and what `onepass train` keeps:
+the targets' hidden states over its data and its checkpoints (train/), the heads it wrote
+(heads/).
 
 Several processes share it, so every write goes to a unique temporary name, is fsynced and then
 renamed into place, and every read-modify-write or conversion holds a lock file (flock: the lock
@@ -31,7 +33,13 @@ CURVES_FILE = "cost_curves.json"
 KERNELS_DIR = "kernels"
 MARKER = "complete"
 """The file a converted model's directory is complete with (JSON: format, source, files)."""
-GROUPS = ("models", "curves", "kernels")
+FEATURES_DIR = "train/features"
+"""The targets' hidden states over the training data (onepass.train.features)."""
+RUNS_DIR = "train/runs"
+"""Training checkpoints (onepass.train.loop)."""
+HEADS_DIR = "heads"
+"""Heads `onepass train` wrote, found by the medusa and eagle drafters."""
+GROUPS = ("models", "curves", "kernels", "training", "heads")
 
 
 class CacheError(OnepassError):
@@ -160,6 +168,14 @@ def cache_items(root: Path) -> list[CacheItem]:
     kernels = root / KERNELS_DIR
     for path in sorted(kernels.iterdir()) if kernels.is_dir() else []:
         items.append(_item("kernels", "kernels", path, path.name))
+    for group, kind, folder in (
+        ("training", "training hidden states", FEATURES_DIR),
+        ("training", "training checkpoint", RUNS_DIR),
+        ("heads", "trained heads", HEADS_DIR),
+    ):
+        directory = root / folder
+        for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+            items.append(_item(group, kind, path, path.name))
     return items
 
 
@@ -313,7 +329,7 @@ def add_cache_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     """Register `onepass cache list` and `onepass cache clear`."""
     p = subparsers.add_parser(
         "cache",
-        help="list or clear onepass's cache (converted models, cost curves, kernels)",
+        help="list or clear onepass's cache (converted models, cost curves, kernels, training)",
         description="onepass caches converted GGUF models, measured cost curves and its CPU "
         "kernel builds; all are rebuilt when needed.",
     )
@@ -336,6 +352,12 @@ def add_cache_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     clear.add_argument("--models", action="store_true", help="converted models")
     clear.add_argument("--curves", action="store_true", help="measured cost curves")
     clear.add_argument("--kernels", action="store_true", help="CPU kernel builds")
+    clear.add_argument(
+        "--training",
+        action="store_true",
+        help="onepass train's hidden states and checkpoints (a training then starts over)",
+    )
+    clear.add_argument("--heads", action="store_true", help="heads onepass train wrote")
     clear.add_argument("--all", action="store_true", help="everything (the default)")
     clear.set_defaults(func=cmd_cache_clear)
     return p

@@ -1,4 +1,4 @@
-"""The `onepass` command line: generate, chat, bench.
+"""The `onepass` command line: generate, chat, bench, serve, cache, train.
 
 Speculative flags (--method, -k, --prompt-lookup-*) only fill the same speculative config as
 --speculative-config JSON; giving a key both ways with different values is an error.
@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     from onepass.cache import add_cache_parser
 
     add_cache_parser(sub)
+    from onepass.train.cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

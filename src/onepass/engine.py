@@ -163,6 +163,7 @@ class Decoding:
                 return None
             first = self.processor.process(out.logits[-1:])
             tokens = verify(Draft.empty(), first, self.processor, self.rng, self.typical).tokens
+            self.drafter.observe_prompt(out, tokens[0])
             step = Step(tokens, 0, verified=False)
         else:
             step = self._verify(self._draft, out)

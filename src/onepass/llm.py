@@ -381,6 +381,8 @@ class LLM:
                 tokenizer=self.tokenizer,
                 cost_model=self._measured_cost_model,  # the request holds the model
                 cache_dir=self.cache_dir,
+                model_name=self.model_name,
+                model_key=self._model_key,
             )
             self._drafters[key] = build_drafter(spec.method, spec.method_options, context)
         return self._drafters[key]

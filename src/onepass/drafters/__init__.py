@@ -21,6 +21,8 @@ METHODS: dict[str, str] = {
     "recycling": "recycling",
     "auto": "auto",
     "draft_model": "draft_model",
+    "medusa": "medusa",
+    "eagle": "eagle",
 }
 
 
@@ -39,6 +41,10 @@ class DraftContext:
     """Measured forward cost of scoring k rows (see onepass.cost), when available."""
     cache_dir: Path | None = None
     """onepass's cache directory (e.g. for loading a draft model)."""
+    model_name: str | None = None
+    """The target's name (shown in errors)."""
+    model_key: str | None = None
+    """The target's content fingerprint: heads trained for another model are refused."""
 
 
 def _module(method: str) -> Any:

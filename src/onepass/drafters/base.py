@@ -32,6 +32,12 @@ class Drafter(Protocol):
         """A new request begins (reset per-request state; keep what is learned across)."""
         ...
 
+    def observe_prompt(self, out: ModelOutput, first_token: int) -> None:
+        """The prefill's output on the prompt's last row (its logits and hidden state) and the
+        first token drawn from it, before the first proposal: heads that read the target's
+        hidden states (medusa, eagle) can draft from the first step. Default: nothing."""
+        return None
+
     def propose(self, state: DecodeState) -> Draft: ...
 
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:

@@ -499,6 +499,17 @@ class NativeDecoder:
             )
         return self._head({"all": x, "last": x[-1:], "none": x[:0]}[logits])
 
+    def linear(self, weight: Tensor, bias: Tensor | None = None) -> Linear:
+        """x -> x @ weight.T + bias on this decoder's GEMM (its CPU kernels where it has them):
+        a small draft head's matrices then run a few rows as fast as the target's do."""
+        weight = weight.detach().to(self.device, self.dtype).contiguous()
+        bias = None if bias is None else bias.detach().to(self.device, self.dtype)
+        return Linear(weight, bias, self.gemm, self.kernels)
+
+    def embeddings(self, ids: Tensor) -> Tensor:
+        """[n] -> [n, hidden]: the input embeddings of token ids (an EAGLE head reads them)."""
+        return self._embed(ids.to(self.device))
+
     def _embed(self, ids: Tensor) -> Tensor:
         if self.embed_packed is not None:
             return self.kernels.stored_rows(self.embed_packed, ids, self.vocab_rows)
