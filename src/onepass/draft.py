@@ -107,11 +107,12 @@ class BatchShare:
     (auto) weighs the forward's tokens per second, all requests' together."""
 
     rows: int
-    """Their decoding rows (roots, and the drafts planned so far)."""
+    """Their decoding rows: roots (one per request, a request still prefilling included) and
+    the drafts planned so far."""
     tokens: float
-    """The tokens they are expected to emit."""
+    """The tokens they are expected to emit (one per request still prefilling)."""
     prompt_rows: int = 0
-    """Rows of prompt chunks in the forward (they emit no token)."""
+    """The other rows of prompt chunks in the forward (they emit no token)."""
 
 
 @dataclass(frozen=True)

@@ -208,16 +208,19 @@ class LLM:
             plan.append((r, rows))
             prefill_rows += rows.ids.shape[0]
         decoding = [r for r in live if not r.prefilling]
-        share_rows, share_tokens = len(decoding), float(len(decoding))
+        # A request still prefilling counts as a root: it decodes in a step or two, and a
+        # draft row added to a prompt step delays it as much as any other.
+        share_rows = share_tokens = len(decoding) + len(plan)
+        prompt_rows = prefill_rows - len(plan)
         alone = len(plan) + len(decoding) == 1
         for r in decoding:  # the others' roots are counted; their drafts as they are made
             share = None
             if not alone:
-                share = BatchShare(share_rows - 1, share_tokens - 1, prefill_rows)
+                share = BatchShare(share_rows - 1, share_tokens - 1, prompt_rows)
             rows = r.next_rows(share)
             drafted = rows.ids.shape[0] - 1
             share_rows += drafted
-            share_tokens += min(float(drafted), r.decoding.accepted_per_step)
+            share_tokens += min(drafted, r.decoding.accepted_per_step)
             plan.append((r, rows))
         return plan
 
