@@ -146,10 +146,7 @@ class LLM:
         """Yield RequestOutputs whose CompletionOutput holds only the new text and token ids of
         each step; the last one has finish_reason set and the full metrics. A list of chat
         messages goes through the chat template."""
-        if isinstance(prompt, (str, dict)):
-            ids, text = self._encode(prompt), prompt if isinstance(prompt, str) else None
-        else:
-            ids, text = self.chat_token_ids(prompt), None
+        ids, text = self._prompt_ids(prompt)
         params = self._params(sampling_params)
         if params.n != 1:
             raise ValueError("stream() produces one completion: use n=1")
@@ -166,10 +163,7 @@ class LLM:
         it has its own KV cache (a fork of the model's, sized for its prompt and max_tokens)
         and its own drafter state, so its output is exactly what stream() would produce for it
         alone. Its outputs are deltas, as stream()'s."""
-        if isinstance(prompt, (str, dict)):
-            ids, text = self._encode(prompt), prompt if isinstance(prompt, str) else None
-        else:
-            ids, text = self.chat_token_ids(prompt), None
+        ids, text = self._prompt_ids(prompt)
         params = self._params(sampling_params)
         if params.n != 1:
             raise InputError("a request produces one completion: use n=1")
@@ -342,6 +336,12 @@ class LLM:
         return (
             SpeculativeConfig.parse(override) if override is not None else self.speculative_config
         )
+
+    def _prompt_ids(self, prompt: Prompt | Sequence[Message]) -> tuple[list[int], str | None]:
+        """Token ids and text of a prompt, or of chat messages through the chat template."""
+        if isinstance(prompt, (str, dict)):
+            return self._encode(prompt), prompt if isinstance(prompt, str) else None
+        return self.chat_token_ids(prompt), None
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, dict):
