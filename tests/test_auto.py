@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from onepass.cost import CostModel
+from onepass.cost import CostModel, LiveCost
 from onepass.draft import NODE_CLASSES, DecodeState, Draft
 from onepass.drafters.auto import (
+    MAX_SKIP,
     RUN_BOUNDS,
     RUN_PRIORS,
     AutoDrafter,
@@ -18,11 +19,13 @@ from onepass.drafters.auto import (
     MergedTree,
     NodeStats,
     Options,
+    Pace,
     predicted,
     run_state,
     slots,
     walk,
 )
+from onepass.drafters.base import Drafter
 from onepass.tree import Tree
 
 
@@ -120,49 +123,49 @@ def chain_tree(n: int, rate: float) -> MergedTree:
 
 def test_draft_is_deep_when_rows_are_cheap_and_acceptance_high():
     flat = CostModel((1, 32), (1.0, 1.0))
-    assert len(bare_auto(flat).best_draft(chain_tree(6, 0.9), state())) == 6
+    assert len(bare_auto(flat).best_draft(chain_tree(6, 0.9), state())[0]) == 6
 
 
 def test_draft_is_empty_when_speculation_cannot_pay():
     steep = CostModel((1, 2, 32), (1.0, 2.0, 32.0))  # each row costs as much as a step
-    assert len(bare_auto(steep).best_draft(chain_tree(3, 0.3), state())) == 0
+    assert len(bare_auto(steep).best_draft(chain_tree(3, 0.3), state())[0]) == 0
 
 
 def test_draft_stops_where_the_next_node_costs_more_than_it_brings():
     # t(k) = 1 + 0.1 (k - 1); node probabilities 0.5, 0.25, 0.125, ...: E(N) / t(1 + N) is
     # 1, 1.36, 1.46, 1.44 for N = 0..3, so two nodes.
     linear = CostModel((1, 32), (1.0, 4.1))
-    assert len(bare_auto(linear).best_draft(chain_tree(8, 0.5), state())) == 2
+    assert len(bare_auto(linear).best_draft(chain_tree(8, 0.5), state())[0]) == 2
 
 
 def test_draft_is_shorter_after_a_long_context():
     # Flat after 100 tokens; after 1100, t(k) = 1 + 0.1 (k - 1) as above: two nodes.
     curve = CostModel((1, 32), (1.0, 1.0), 100, (1.0, 4.1), 1100)
-    assert len(bare_auto(curve).best_draft(chain_tree(8, 0.5), state(context=100))) == 8
-    assert len(bare_auto(curve).best_draft(chain_tree(8, 0.5), state(context=1100))) == 2
+    assert len(bare_auto(curve).best_draft(chain_tree(8, 0.5), state(context=100))[0]) == 8
+    assert len(bare_auto(curve).best_draft(chain_tree(8, 0.5), state(context=1100))[0]) == 2
 
 
-def test_steps_that_score_drafts_learn_their_own_time_scale():
-    # The curve says t(k) = 1 + 0.05 (k - 1); in the loop, drafted steps take 1.3x that.
-    curve = CostModel((1, 32), (1.0, 2.55))
-    auto = bare_auto(curve)
-    assert len(auto.best_draft(chain_tree(8, 0.3), state())) == 2  # E / t: 1.24, 1.26, 1.23
+def test_drafts_follow_the_curve_as_the_forwards_rescale_it():
+    # The curve says t(k) = 1 + 0.05 (k - 1); in the loop, multi-row forwards take 1.3x that.
+    curve = CostModel((1, 2, 3, 4, 32), (1.0, 1.05, 1.1, 1.15, 2.55))
+    live = LiveCost(curve)
+    auto = bare_auto(live)
+    assert len(auto.best_draft(chain_tree(8, 0.3), state())[0]) == 2  # E / t: 1.24, 1.26, 1.23
     for _ in range(60):
-        auto.rows = 1
-        auto.learn_step_time(curve(1))  # plain steps: as the curve says
-        auto.rows = 4
-        auto.learn_step_time(1.3 * curve(4))
-    assert auto.learned.time_scale[0] == pytest.approx(1.0) and auto.learned.time_scale[1] > 1.29
+        live.observe(1, 3, curve(1))  # one-row forwards: as the curve says
+        for rows in (2, 3, 4):
+            live.observe(rows, 3, 1.3 * curve(rows))
+    assert live(1) == pytest.approx(1.0) and live(3) == pytest.approx(1.3 * 1.1, rel=1e-3)
     # 0.3-likely nodes no longer pay for rows 30% dearer than the curve's.
-    assert len(auto.best_draft(chain_tree(8, 0.3), state())) == 0
+    assert len(auto.best_draft(chain_tree(8, 0.3), state())[0]) == 0
 
 
 def test_draft_respects_max_depth_and_the_row_limit():
     flat = CostModel((1, 32), (1.0, 1.0))
-    assert len(bare_auto(flat).best_draft(chain_tree(4, 0.9), state(2))) == 2
+    assert len(bare_auto(flat).best_draft(chain_tree(4, 0.9), state(2))[0]) == 2
     auto = bare_auto(flat)
     auto.max_nodes = 3
-    assert len(auto.best_draft(chain_tree(6, 0.9), state())) == 3
+    assert len(auto.best_draft(chain_tree(6, 0.9), state())[0]) == 3
 
 
 def test_draft_classes_are_checked():
@@ -232,3 +235,85 @@ def test_a_drafter_on_a_run_is_presumed_right_until_evidence_says_otherwise():
     assert estimates.stats(chain, len(RUN_BOUNDS)).rate(1, 1) == priors[-1] / 2  # halved per rank
     confident = Estimates(Options(prior_acceptance=0.95))
     assert {confident.stats(classed, s).rate(4, 3) for s in range(len(RUN_BOUNDS) + 1)} == {0.95}
+
+
+def test_a_draft_reports_the_seconds_it_saves_and_each_drafters_share():
+    # t(k) = 1 + 0.1 (k - 1), nodes 0.5, 0.25: two nodes, 0.75 more tokens (worth 0.75 at plain
+    # decoding's rate of one per second) for 0.2 more seconds.
+    linear = CostModel((1, 32), (1.0, 4.1))
+    draft, saved, by_source = bare_auto(linear).best_draft(chain_tree(8, 0.5), state())
+    assert len(draft) == 2
+    assert saved == pytest.approx(0.55) and by_source == {"a": pytest.approx(0.75)}
+    merged = chain_tree(2, 0.9)
+    merged.add(Draft([20], Tree((-1,))), stats_with({(1, 0): 0.3}), "b")  # a sibling of 10
+    flat = CostModel((1, 32), (1.0, 1.0))
+    draft, saved, by_source = bare_auto(flat).best_draft(merged, state())
+    assert draft.sources == ["a", "a", "b"]
+    assert by_source == {"a": pytest.approx(0.9 + 0.81), "b": pytest.approx(0.3)}
+    assert saved == pytest.approx(2.01)
+
+
+def test_a_pause_doubles_while_proposing_does_not_pay_and_ends_when_it_does():
+    pace = Pace()
+    pauses = []
+    for _ in range(6):
+        pace.update(-1.0)
+        pauses.append(pace.skip)
+        while pace.paused():
+            pass
+    assert pauses == [1, 2, 4, 8, MAX_SKIP, MAX_SKIP]
+    pace.update(30.0)  # the mean turns positive: no pause
+    assert pace.worth > 0 and not pace.paused()
+    pace.update(-1.0)
+    assert pace.worth > 0 and not pace.paused()  # one poor step does not outweigh a good run
+
+
+class CountingDrafter(Drafter):
+    """Proposes the same chain every step and counts the calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def start(self, prompt_ids):
+        pass
+
+    def propose(self, state):
+        self.calls += 1
+        return Draft.chain([5, 6, 7])
+
+    def observe(self, draft, verdict, out):
+        pass
+
+
+def proposals(auto: AutoDrafter, drafter: CountingDrafter, steps: int) -> list[int]:
+    """The steps at which `drafter` was asked to propose."""
+    out = []
+    for step in range(steps):
+        before = drafter.calls
+        auto.propose(state())
+        if drafter.calls > before:
+            out.append(step)
+    return out
+
+
+def test_a_request_whose_drafting_does_not_pay_its_time_pauses_it():
+    counting = CountingDrafter()
+    auto = AutoDrafter(Options(), {"ngram": counting}, CostModel((1, 32), (1.0, 1.0)), 16)
+    auto.start([1, 2, 3])
+    auto.learned.draft_time = 100.0  # far more than any draft can save
+    assert proposals(auto, counting, 20) == [0, 2, 5, 10, 10 + MAX_SKIP + 1]
+    auto.start([1, 2, 3])  # a new request starts without a pause
+    assert proposals(auto, counting, 1) == [0]
+
+
+def test_a_drafter_whose_nodes_are_not_worth_its_time_pauses_alone():
+    """Two drafters propose the same chain; the second's nodes add nothing (the first's
+    estimate wins each merged node) and it is slow: it pauses, the first goes on."""
+    fast, slow = CountingDrafter(), CountingDrafter()
+    flat = CostModel((1, 32), (1.0, 1.0))
+    auto = AutoDrafter(Options(), {"ngram": fast, "suffix": slow}, flat, 16)
+    auto.start([1, 2, 3])
+    auto.learned.estimates["suffix"].propose_time = 100.0
+    before = fast.calls
+    assert proposals(auto, slow, 20) == [0, 2, 5, 10, 10 + MAX_SKIP + 1]
+    assert fast.calls - before == 20

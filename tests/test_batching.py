@@ -10,7 +10,7 @@ from conftest import each_isa, tiny_pair
 from onepass import SamplingParams
 from onepass.draft import BatchShare, DecodeState, Draft
 from onepass.drafters import DraftContext
-from onepass.drafters.auto import MergedTree, NodeStats, Options, build
+from onepass.drafters.auto import AutoDrafter, MergedTree, NodeStats, Options, build
 from onepass.models import Rows
 from onepass.tree import Tree
 
@@ -180,6 +180,27 @@ def test_auto_drafts_less_as_the_batch_grows():
     for others in (0, 1, 3, 7, 15, 31):
         share = None if others == 0 else BatchShare(rows=others, tokens=float(others))
         state = DecodeState(list(range(20)), 10, 64, 16, batch=share)
-        sizes.append(len(auto.best_draft(merged, state)))
+        sizes.append(len(auto.best_draft(merged, state)[0]))
     assert sizes[0] > 0 and sizes[-1] < sizes[0]
     assert sizes == sorted(sizes, reverse=True), sizes
+
+
+def test_auto_pausing_its_drafting_stays_lossless(llm):
+    """Drafting that never pays its time (here: priced at a second a step) pauses for longer
+    and longer stretches; the outputs stay plain decoding's, greedy and seeded sampling."""
+    spec = {"method": "auto"}
+    llm.generate(PROMPTS[0], SamplingParams(max_tokens=2), speculative_config=spec)
+    auto = next(d for d in llm._drafters.values() if isinstance(d, AutoDrafter))
+    try:
+        auto.learned.draft_time = 1000.0
+        for params in (
+            SamplingParams(max_tokens=40, temperature=0),
+            SamplingParams(max_tokens=40, temperature=0.8, seed=4),
+        ):
+            plain = llm.generate(PROMPTS, params)
+            paused = llm.generate(PROMPTS, params, speculative_config=spec)
+            for p, a in zip(plain, paused, strict=True):
+                assert a.outputs[0].token_ids == p.outputs[0].token_ids
+        assert auto.learned.draft_time > 1.0  # it stayed priced out throughout
+    finally:
+        auto.learned.draft_time = 0.0

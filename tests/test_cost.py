@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
-from onepass.cost import SIZES, CostModel, cached_cost_model, measure
+from onepass.cost import SIZES, CostModel, LiveCost, cached_cost_model, measure
 
 
 class SleepyBackend:
@@ -97,3 +98,19 @@ def test_a_curve_measured_on_float32_weights_does_not_serve_stored_ones(tmp_path
     backend.stored = True  # the same model, its weights widened from their GGUF blocks
     cached_cost_model(backend, "m", tmp_path)
     assert backend.calls > calls
+
+
+def test_the_live_curve_learns_each_size_from_the_forwards_run_there():
+    curve = CostModel((1, 8, 16), (1.0, 1.2, 1.6))
+    live = LiveCost(curve)
+    assert [live(k) for k in (1, 8, 12, 40)] == [curve(k) for k in (1, 8, 12, 40)]
+    for _ in range(100):
+        live.observe(12, None, 2 * curve(12))  # between 8 and 16: both learn
+    assert live(1) == curve(1)  # a size never run keeps its measurement
+    assert live(8) == pytest.approx(2 * curve(8), rel=0.01)
+    assert live(16) == pytest.approx(2 * curve(16), rel=0.01)
+    assert live(12) == pytest.approx(2 * curve(12), rel=0.01)
+    for _ in range(100):
+        live.observe(400, None, 0.5 * curve(400))  # past the largest size: that size learns
+    assert live(16) == pytest.approx(0.5 * curve(16), rel=0.01)
+    assert live(8) == pytest.approx(2 * curve(8), rel=0.01)

@@ -155,7 +155,7 @@ def test_interleaved_forks_decode_as_each_alone(target, plain, name):
                 mine = {d[0]: d for d in fork.inner.candidates[m].drafter.drafts}
                 theirs = {d[0]: d for d in fork_alone.inner.candidates[m].drafter.drafts}
                 common = mine.keys() & theirs.keys()
-                assert len(common) > 3 and all(mine[k] == theirs[k] for k in common)
+                assert common and all(mine[k] == theirs[k] for k in common)
     if name != "none":
         assert any(d[1] for fork in forks for d in fork.drafts)  # it did draft
     for fork in forks:

@@ -145,11 +145,16 @@ def test_a_continuation_reaching_the_end_repeats_the_loop():
 # --- incremental index ---------------------------------------------------------------------
 
 
-def naive_positions(tokens, max_match):
-    out: dict[tuple[int, ...], list[int]] = {}
-    for end in range(1, len(tokens)):  # n-grams ending at end - 1
-        for n in range(1, min(max_match, end) + 1):
-            out.setdefault(tuple(tokens[end - n : end]), []).append(end)
+def naive_levels(tokens, max_match):
+    """For n = 1.. the positions p after each earlier occurrence of the last n tokens, oldest
+    first, up to the first n without one."""
+    out = []
+    for n in range(1, min(max_match, len(tokens) - 1) + 1):
+        suffix = tokens[len(tokens) - n :]
+        found = [p for p in range(n, len(tokens)) if tokens[p - n : p] == suffix]
+        if not found:
+            break
+        out.append(found)
     return out
 
 
@@ -160,11 +165,13 @@ def test_incremental_updates_equal_a_rebuild(tokens, chunks, max_match):
     for size in chunks:
         end = min(len(tokens), end + size)
         incremental.sync(tokens[:end])
+        assert incremental.levels(max_match) == naive_levels(tokens[:end], max_match)
     incremental.sync(tokens)
     rebuilt = RequestIndex(max_match)
     rebuilt.sync(tokens)
     assert incremental.tokens == rebuilt.tokens == tokens
-    assert incremental.positions == rebuilt.positions == naive_positions(tokens, max_match)
+    assert incremental.positions == rebuilt.positions
+    assert incremental.levels(max_match) == naive_levels(tokens, max_match)
 
 
 @settings(max_examples=100, deadline=None)
@@ -183,9 +190,9 @@ def test_a_different_token_list_rebuilds_the_index():
     index = RequestIndex(4)
     index.sync([1, 2, 3, 1, 2])
     index.sync([7, 7, 7])  # a new request without start(): shorter, so rebuilt
-    assert index.positions == naive_positions([7, 7, 7], 4)
+    assert index.tokens == [7, 7, 7] and index.levels(4) == naive_levels([7, 7, 7], 4)
     index.sync([7, 7, 8, 9])  # same length + 1 but a different last token: rebuilt
-    assert index.positions == naive_positions([7, 7, 8, 9], 4)
+    assert index.tokens == [7, 7, 8, 9] and index.levels(4) == naive_levels([7, 7, 8, 9], 4)
 
 
 # --- corpus --------------------------------------------------------------------------------

@@ -103,6 +103,41 @@ class CostModel:
         )
 
 
+class LiveCost:
+    """The measured curve, rescaled by the forwards decoding actually runs. The curve is
+    measured once, on a machine whose speed drifts: on a shared host another tenant's memory
+    traffic moved t(1) between 9 and 13 ms from one second to the next while t(16) moved far
+    less, so the curve's shape, which prices every draft row, drifts too. Each observed forward
+    pulls the ratio observed / measured at its size (shared between the two measured sizes
+    around it) toward what it took; a size is read with its ratio."""
+
+    def __init__(self, curve: CostModel, decay: float = 0.9) -> None:
+        self.curve = curve
+        self.decay = decay
+        self.ratios = [1.0] * len(curve.sizes)
+
+    def __call__(self, rows: int, context: int | None = None) -> float:
+        ratio = sum(w * self.ratios[i] for i, w in self._weights(rows))
+        return self.curve(rows, context) * ratio
+
+    def observe(self, rows: int, context: int | None, seconds: float) -> None:
+        """A forward of `rows` rows after `context` committed tokens took `seconds`."""
+        ratio = seconds / self.curve(rows, context)
+        for i, w in self._weights(rows):
+            self.ratios[i] += (1 - self.decay) * w * (ratio - self.ratios[i])
+
+    def _weights(self, rows: int) -> list[tuple[int, float]]:
+        """The measured sizes around `rows`, each with its share (past the ends: the end)."""
+        sizes = self.curve.sizes
+        i = bisect_left(sizes, rows)
+        if i == 0:
+            return [(0, 1.0)]
+        if i == len(sizes):
+            return [(i - 1, 1.0)]
+        share = (rows - sizes[i - 1]) / (sizes[i] - sizes[i - 1])
+        return [(i - 1, 1.0 - share), (i, share)]
+
+
 def _is_int(value: Any, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 

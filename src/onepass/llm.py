@@ -9,6 +9,7 @@ import copy
 import json
 import random
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from onepass.config import SpeculativeConfig
-from onepass.cost import CostModel, cached_cost_model
+from onepass.cost import CostModel, LiveCost, cached_cost_model
 from onepass.draft import BatchShare
 from onepass.drafters import DraftContext, Drafter, build_drafter
 from onepass.engine import NoDrafter
@@ -96,6 +97,7 @@ class LLM:
         self._drafters: OrderedDict[str, Drafter] = OrderedDict()
         self._model_key = loaded.fingerprint  # content and config: not the path
         self._cost_model: CostModel | None = None
+        self._live_cost: LiveCost | None = None  # the curve as the forwards rescale it
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread running the current request
 
@@ -185,7 +187,7 @@ class LLM:
             return [None] * len(requests)
         with self._exclusive():
             plan = self._plan(live)
-            outs = self.backend.run_batch([(r.backend, rows) for r, rows in plan])
+            outs = self._forward([(r.backend, rows) for r, rows in plan])
             results = {id(r): r.advance(out) for (r, _), out in zip(plan, outs, strict=True)}
         return [results.get(id(r)) for r in requests]
 
@@ -229,6 +231,28 @@ class LLM:
         if self._cost_model is None:
             self._cost_model = cached_cost_model(self.backend, self._model_key, self.cache_dir)
         return self._cost_model
+
+    def _live_cost_model(self) -> LiveCost:
+        """The curve drafters price rows with: measured once, rescaled by every forward."""
+        if self._live_cost is None:
+            self._live_cost = LiveCost(self._measured_cost_model())
+        return self._live_cost
+
+    def _forward(self, pairs: list[tuple[Any, Rows]]) -> list[Any]:
+        """Score these (decoder, rows): one request on the LLM's own decoder, or forks in one
+        shared forward. Its time rescales the live curve (once a drafter has asked for it) at
+        its rows and mean committed context."""
+        started = time.perf_counter()
+        if len(pairs) == 1 and pairs[0][0] is self.backend:
+            outs = [self.backend.run(pairs[0][1])]
+        else:
+            outs = self.backend.run_batch(pairs)
+        if self._live_cost is not None:
+            seconds = time.perf_counter() - started
+            rows = sum(r.ids.shape[0] for _, r in pairs)
+            context = sum(d.cache_len * r.ids.shape[0] for d, r in pairs) // rows
+            self._live_cost.observe(rows, context, seconds)
+        return outs
 
     def snapshot_drafter(
         self, speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
@@ -382,7 +406,7 @@ class LLM:
                 vocab_size=self.model_config.vocab_size,
                 num_speculative_tokens=spec.num_speculative_tokens,
                 tokenizer=self.tokenizer,
-                cost_model=self._measured_cost_model,  # the request holds the model
+                cost_model=self._live_cost_model,  # the request holds the model
                 cache_dir=self.cache_dir,
                 model_name=self.model_name,
                 model_key=self._model_key,
@@ -521,7 +545,7 @@ class LLM:
         request = self._new_request(self.backend, ids, text, params, spec, drafter, rng, delta)
         try:
             while not request.finished:
-                out = request.advance(self.backend.run(request.next_rows()))
+                out = request.advance(self._forward([(self.backend, request.next_rows())])[0])
                 if out is not None:
                     yield out
         finally:

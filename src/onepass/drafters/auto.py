@@ -20,10 +20,17 @@ product of c along its path, and the expected tokens of a step are 1 + the sum o
 the nodes scored (at most one node per depth is accepted). Taking nodes best-first keeps the
 set a tree (a child is never likelier than its parent); the step scores the N best nodes with
 the largest expected tokens per second, E(N) / t(1 + N), from the backend's cost curve
-(onepass.cost) at the current context length, rescaled online by the step times we observe
-(apart for plain steps and for steps that score a draft).
-If nothing beats plain decoding's 1 / t(1), the draft is empty: auto is never meaningfully
-slower than plain decoding (its only overhead is drafting) and spends rows exactly where they
+(onepass.cost.LiveCost: the measured curve, rescaled by the forwards actually run) at the
+current context length. If nothing beats plain decoding's 1 / t(1), the draft is empty.
+
+Drafting has a price of its own: the drafters' Python runs between forwards, and delays the
+whole forward. Each proposal's saving (the time plain decoding would take for its expected
+extra tokens, less the time its rows add) is weighed against the time auto's step took, and
+each drafter's share of the chosen nodes against the time it took to propose (Pace). Where
+drafting has stopped paying (a large batch, where a row barely pays) the request pauses it,
+for 1, 2, 4, up to MAX_SKIP steps while it keeps not paying; a drafter whose nodes are not
+worth its time (they duplicate cheaper ones', or are rarely right) pauses alone. So auto is
+never meaningfully slower than plain decoding and spends rows, and drafting time, where they
 pay.
 
 When other requests share the forward (continuous batching, DecodeState.batch), a row costs
@@ -33,7 +40,7 @@ the tokens they are expected to emit (prompt chunks in the forward add their row
 curve is read, not to the time the tokens are rated by). The larger the batch, the likelier a
 node must be to pay, so drafts shrink toward what pays.
 
-The estimates and time scales are learned across requests (Learned, shared by every fork of
+The estimates and drafting times are learned across requests (Learned, shared by every fork of
 the drafter, see drafters/base.py); each request forks the candidate drafters and keeps its own
 pending proposals and runs.
 """
@@ -54,10 +61,12 @@ from onepass.models.base import ModelOutput
 from onepass.tree import Tree
 
 if TYPE_CHECKING:
-    from onepass.cost import CostModel
+    from onepass.cost import CostModel, LiveCost
 
 CALIBRATION_EVIDENCE = 8.0  # predicted accepted tokens before the calibration applies
 CALIBRATION_DECAY = 0.99  # per step with a draft
+MAX_SKIP = 8  # longest pause in proposing (steps) once drafting stopped paying for its time
+PACE_DECAY = 0.9  # weight of the past in what proposing has been worth (per proposal)
 MAX_PENDING = 64  # proposals awaiting enough emitted tokens to be scored, per drafter
 DEPTHS = 8  # nodes from this depth on share their estimates
 RUN_BOUNDS = (1, 4)  # a drafter's record: 0 | 1-3 | 4+ emitted tokens in a row it predicted
@@ -271,6 +280,7 @@ class Estimates:
     def __init__(self, options: Options) -> None:
         self.options = options
         self.sets: list[NodeStats] | None = None  # per run state, made at the first draft
+        self.propose_time = 0.0  # seconds the drafter takes to propose (decaying)
 
     def stats(self, draft: Draft, state: int) -> NodeStats:
         if self.sets is None:
@@ -286,17 +296,17 @@ class Learned:
 
     estimates: dict[str, Estimates]
     """Per candidate drafter."""
-    time_scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    """Observed step time / the cost model's prediction (decaying), for plain steps and for
-    steps that score a draft: the curve is measured apart from decoding, and in a real loop the
-    two kinds of step can drift from it differently (seen with a curve measured under load:
-    multi-row steps ran ~10% dearer relative to single-row ones than it said)."""
     predicted: float = 0.0
     accepted: float = 0.0
     """Decaying sums of the accepted draft tokens the chosen nodes' estimates predicted and of
     those actually accepted. The step keeps the nodes whose estimates are highest, so noise in
     the estimates makes the chosen ones look better than they are (the winner's curse); the
     ratio corrects that. It matters most in a large batch, where a draft pays only narrowly."""
+
+    draft_time: float = 0.0
+    """Seconds auto's own work takes per step and request (propose + observe, decaying, the
+    candidates' proposing included): it delays the whole forward, so a draft must save more
+    than this to pay."""
 
     def calibration(self) -> float:
         """accepted / predicted, once there is evidence, within [0.25, 1.25]."""
@@ -307,6 +317,38 @@ class Learned:
     def calibrate(self, predicted: float, accepted: int) -> None:
         self.predicted = CALIBRATION_DECAY * self.predicted + predicted
         self.accepted = CALIBRATION_DECAY * self.accepted + accepted
+
+
+@dataclass
+class Pace:
+    """Whether proposing has been worth its time, and the pause it earned if not: a pause
+    doubles (up to MAX_SKIP steps) while proposing keeps not paying and ends when it pays."""
+
+    worth: float | None = None
+    """Seconds a proposal saved, net of its own time (a decaying mean; None before the first):
+    one step's outcome says little (most steps of fresh text have nothing to copy), a run of
+    them says whether proposing pays where this request now is."""
+    skip: int = 0
+    """Steps left without proposing."""
+    backoff: int = 0
+
+    def update(self, saved: float) -> None:
+        if self.worth is None:
+            self.worth = saved
+        else:
+            self.worth = PACE_DECAY * self.worth + (1 - PACE_DECAY) * saved
+        if self.worth > 0:
+            self.backoff = 0
+        else:
+            self.backoff = min(MAX_SKIP, 2 * self.backoff or 1)
+            self.skip = self.backoff
+
+    def paused(self) -> bool:
+        """Whether this step goes without proposing (and counts it)."""
+        if self.skip:
+            self.skip -= 1
+            return True
+        return False
 
 
 @dataclass
@@ -321,11 +363,14 @@ class Candidate:
     run: int = 0
     """The latest emitted tokens in a row that this drafter's proposals predicted: long while
     it is copying text the output repeats, when its nodes are far likelier to be accepted."""
-    latest: Draft = field(default_factory=Draft.empty)
-    """This step's proposal."""
+    latest: Draft | None = None
+    """This step's proposal (None: it paused)."""
+    pace: Pace = field(default_factory=Pace)
 
     def record(self, emitted: Sequence[int]) -> None:
-        """Extend or restart the run with this step's emitted tokens."""
+        """Extend or restart the run with this step's emitted tokens (a pause keeps it)."""
+        if self.latest is None:
+            return
         n = predicted(self.latest, emitted) if len(self.latest) else None
         self.run = 0 if n is None else self.run + n
 
@@ -335,7 +380,7 @@ class AutoDrafter(Drafter):
         self,
         options: Options,
         drafters: dict[str, Drafter],
-        cost: CostModel | None,
+        cost: CostModel | LiveCost | None,
         max_nodes: int,
         learned: Learned | None = None,
     ) -> None:
@@ -348,10 +393,13 @@ class AutoDrafter(Drafter):
         # This request's own: the candidates' drafters and records, and the step in flight.
         self.candidates = {m: Candidate(d, learned.estimates[m]) for m, d in drafters.items()}
         self.tokens: Sequence[int] = []
-        self.step_started: float | None = None
         self.rows = 1
         self.predicted = 0.0  # accepted draft tokens the step's nodes were expected to give
         self.context = 0  # committed tokens + the root when the step was proposed
+        # Whether this request's drafting pays for its time: in a large batch, where drafts win
+        # little, it pauses proposing (and so its cost) for a while.
+        self.pace = Pace()
+        self.drafting: float | None = 0.0  # this step's drafting seconds (None: it paused)
 
     def fork(self) -> AutoDrafter:
         drafters = {m: c.drafter.fork() for m, c in self.candidates.items()}
@@ -361,7 +409,8 @@ class AutoDrafter(Drafter):
         for c in self.candidates.values():
             c.drafter.start(prompt_ids)
             c.pending.clear()
-            c.run, c.latest = 0, Draft.empty()
+            c.run, c.latest, c.pace = 0, None, Pace()
+        self.pace = Pace()
 
     def finish(self) -> None:
         for c in self.candidates.values():
@@ -369,22 +418,40 @@ class AutoDrafter(Drafter):
 
     def propose(self, state: DecodeState) -> Draft:
         self.tokens = state.tokens
+        if self.pace.paused():
+            self.drafting, self.rows = None, 1
+            return Draft.empty()
+        started = time.perf_counter()
         merged = MergedTree()
         for method, c in self.candidates.items():
+            if c.pace.paused():
+                c.latest = None
+                continue
+            began = time.perf_counter()
             draft = c.latest = c.drafter.propose(state)
+            seconds = time.perf_counter() - began
+            c.estimates.propose_time = 0.9 * c.estimates.propose_time + 0.1 * seconds
             if len(draft):
                 run = run_state(c.run)
                 c.pending.append((len(state.tokens), draft, run))
                 merged.add(draft, c.estimates.stats(draft, run), method)
-        best = self.best_draft(merged, state)
+        best, saved, by_source = self.best_draft(merged, state)
+        self.pace.update(saved - self.learned.draft_time)
+        for method, c in self.candidates.items():
+            if c.latest is not None:
+                c.pace.update(by_source.get(method, 0.0) - c.estimates.propose_time)
         self.rows = 1 + len(best)
-        # A shared forward's time is not this request's: only steps run alone rescale the curve.
-        self.step_started = time.perf_counter() if state.batch is None else None
+        self.drafting = time.perf_counter() - started
         return best
 
-    def best_draft(self, merged: MergedTree, state: DecodeState) -> Draft:
-        """The best-first prefix of `merged` with the most expected tokens per second; empty if
-        none beats plain decoding."""
+    def best_draft(
+        self, merged: MergedTree, state: DecodeState
+    ) -> tuple[Draft, float, dict[str, float]]:
+        """The best-first prefix of `merged` with the most expected tokens per second (empty if
+        none beats plain decoding); the seconds it saves against plain decoding (the time plain
+        decoding would take for its extra expected tokens, less the time its rows add); and
+        what each drafter's nodes in it are worth, in the seconds plain decoding would take for
+        their expected tokens."""
         self.context = len(state.tokens)  # the committed tokens and the root
         limit = min(self.max_nodes, state.max_draft_tokens)
         ranked = merged.best_first(state.max_depth)[:limit]
@@ -396,31 +463,33 @@ class AutoDrafter(Drafter):
         decoding = 1 + (batch.rows if batch else 0)  # rows that emit tokens, with the root
         total = decoding + (batch.prompt_rows if batch else 0)
         expected = 1.0 + (batch.tokens if batch else 0.0)
-        base = self._time(decoding) - self._time(total)
+        plain_time = self._time(decoding)
+        plain_rate = expected / plain_time
+        base = plain_time - self._time(total)
         calibration = self.learned.calibration()
-        best_n, best_value = 0, expected / self._time(decoding)
-        for n, (_, prob) in enumerate(ranked, start=1):
-            expected += min(1.0, prob * calibration)
-            value = expected / (base + self._time(total + n))
-            if value > best_value:
-                best_n, best_value = n, value
+        gains = [min(1.0, prob * calibration) for _, prob in ranked]
+        best_n, best_value, best_time = 0, plain_rate, plain_time
+        for n, gain in enumerate(gains, start=1):
+            expected += gain
+            seconds = base + self._time(total + n)
+            if expected / seconds > best_value:
+                best_n, best_value, best_time = n, expected / seconds, seconds
+        chosen = [node for node, _ in ranked[:best_n]]
         self.predicted = sum(prob for _, prob in ranked[:best_n])
-        return merged.draft([node for node, _ in ranked[:best_n]])
-
-    def learn_step_time(self, elapsed: float) -> None:
-        """Fold the last step's measured time into the scale for its kind of step."""
-        kind, scale = self.rows > 1, self.learned.time_scale
-        ratio = elapsed / self.cost(self.rows, self.context)
-        scale[kind] = 0.9 * scale[kind] + 0.1 * ratio
+        saved = sum(gains[:best_n]) / plain_rate - (best_time - plain_time)
+        by_source: dict[str, float] = {}
+        for node, gain in zip(chosen, gains, strict=False):
+            source = merged.sources[node]
+            by_source[source] = by_source.get(source, 0.0) + gain / plain_rate
+        return merged.draft(chosen), saved, by_source
 
     def _time(self, rows: int) -> float:
         if self.cost is None:
             return float(rows)
-        return self.cost(rows, self.context) * self.learned.time_scale[rows > 1]
+        return self.cost(rows, self.context)
 
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
-        if self.cost is not None and self.step_started is not None:
-            self.learn_step_time(time.perf_counter() - self.step_started)
+        started = time.perf_counter()
         if len(draft):
             self.learned.calibrate(self.predicted, len(verdict.path))
         for c in self.candidates.values():
@@ -432,6 +501,9 @@ class AutoDrafter(Drafter):
         recent = [*self.tokens[oldest:], *verdict.tokens]
         for c in self.candidates.values():
             self._score_pending(c, recent, oldest)
+        if self.drafting is not None:
+            seconds = self.drafting + time.perf_counter() - started
+            self.learned.draft_time = 0.9 * self.learned.draft_time + 0.1 * seconds
 
     @staticmethod
     def _score_pending(c: Candidate, recent: Sequence[int], offset: int) -> None:

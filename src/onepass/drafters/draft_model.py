@@ -84,6 +84,7 @@ class DraftModelDrafter(Drafter):
         self.decoder = decoder
         self.max_tokens = max_tokens
         self.written = 0  # draft cache rows holding request tokens the verdict has confirmed
+        self.fed_drafts: list[int] = []  # this step's draft tokens in the draft cache
 
     def fork(self) -> DraftModelDrafter:
         # A full-length cache: the request's length is not known yet, and the cache's rows are
@@ -98,6 +99,7 @@ class DraftModelDrafter(Drafter):
         else:
             self.decoder.truncate(0)
         self.written = len(prompt_ids) - 1
+        self.fed_drafts = []
 
     def propose(self, state: DecodeState) -> Draft:
         limit = min(self.max_tokens, state.max_draft_tokens, state.max_depth)
@@ -116,16 +118,24 @@ class DraftModelDrafter(Drafter):
             if confidence < self.options.min_confidence:
                 break
             pending = [token]
+        self.fed_drafts = tokens[:-1]
         draft_probs = torch.stack(probs) if probs else None
         return Draft.chain(tokens, draft_probs)
 
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
-        # This step fed the request's new tokens, then draft tokens 0..n - 2 (the last one was
-        # never fed): keep the request's tokens and the accepted draft tokens among those.
-        fed = self.decoder.cache_len - self.written
-        drafts_fed = max(len(draft) - 1, 0)
-        self.written += fed - drafts_fed + min(len(verdict.path), drafts_fed)
+        # The draft cache holds the request's tokens up to the root, then the draft tokens this
+        # drafter fed (all of its chain but the last). Those stay that the emitted tokens
+        # confirm, whoever drafted the verified tree (alone, or merged by auto).
+        fed_drafts = self.fed_drafts
+        committed = self.decoder.cache_len - len(fed_drafts)
+        keep = 0
+        for fed, emitted in zip(fed_drafts, verdict.tokens, strict=False):
+            if fed != emitted:
+                break
+            keep += 1
+        self.written = committed + keep
         self.decoder.truncate(self.written)
+        self.fed_drafts = []
 
     @staticmethod
     def _forward(decoder: NativeDecoder, ids: list[int]) -> torch.Tensor:

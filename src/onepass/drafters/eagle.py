@@ -97,6 +97,9 @@ class EagleDrafter(Drafter):
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
         rows = [0, *(i + 1 for i in verdict.path)]  # the root's row and the accepted nodes'
         self._feed(out, rows, verdict.tokens, self.root_position)
+        # The next root is the last emitted token (kept here, not read from the next proposal:
+        # auto may skip proposing for a few steps).
+        self.root_position += len(verdict.tokens)
 
     def _feed(self, out: ModelOutput, rows: list[int], next_tokens: list[int], at: int) -> None:
         """Append rows (h_t, e(x_{t+1})) at positions at, at + 1, ... to the head's cache; the
@@ -116,7 +119,6 @@ class EagleDrafter(Drafter):
         self.length, self.last = end, g[-1]
 
     def propose(self, state: DecodeState) -> Draft:
-        self.root_position = len(state.tokens) - 1
         limit = min(self.max_nodes, state.max_draft_tokens)
         if self.last is None or limit <= 0 or state.max_depth <= 0:
             return Draft.empty()

@@ -5,12 +5,12 @@ where the current context occurred before, count what followed it, and propose a
 most frequent continuations.
 
 Data structures, and why:
-* The request's tokens (prompt + output): a hashed n-gram index, n-gram (n <= max_match) ->
-  positions of the token that followed each earlier occurrence, oldest first. An n-gram is
-  indexed once the token after it is known, so an emitted token costs max_match dict appends
-  (no rebuild) and a suffix lookup is one dict probe. Unlike a suffix automaton (one end
-  position per state: SAMD drafts a single chain) it lists every earlier occurrence, which the
-  frequency tree needs. Memory is O(max_match) per token: fine for a few thousand tokens.
+* The request's tokens (prompt + output): token -> positions of the token that followed each
+  earlier occurrence, oldest first. An emitted token costs one dict append (no rebuild); the
+  occurrences of the last n tokens are those of the last n - 1 whose preceding token also
+  matches, so every suffix length is found by narrowing one list. Unlike a suffix automaton
+  (one end position per state: SAMD drafts a single chain) it lists every earlier occurrence,
+  which the frequency tree needs.
 * The optional corpus is static and may be large: REST's datastore, a suffix array, here over
   the *reversed* token stream sorted on its first max_match tokens. The reversed current suffix
   is then a prefix query; narrowing the range one token at a time (binary searches) yields the
@@ -123,12 +123,12 @@ class Options:
 
 
 class RequestIndex:
-    """n-gram -> positions following its earlier occurrences, grown as tokens are emitted."""
+    """token -> positions following its earlier occurrences, grown as tokens are emitted."""
 
     def __init__(self, max_match: int) -> None:
         self.max_match = max_match
         self.tokens: list[int] = []
-        self.positions: dict[tuple[int, ...], list[int]] = {}
+        self.positions: dict[int, list[int]] = {}
 
     def sync(self, tokens: Sequence[int]) -> None:
         """Catch up with `tokens`, which only grows within a request (else rebuild)."""
@@ -142,11 +142,9 @@ class RequestIndex:
         """Append and index the tokens that follow."""
         old = len(self.tokens)
         self.tokens.extend(new)
-        toks, m = self.tokens, self.max_match
-        for end in range(max(old, 1), len(toks)):  # n-grams ending at end - 1, followed by end
-            window = tuple(toks[max(0, end - m) : end])
-            for n in range(1, len(window) + 1):
-                self.positions.setdefault(window[-n:], []).append(end)
+        toks, positions = self.tokens, self.positions
+        for end in range(max(old, 1), len(toks)):  # toks[end - 1], followed by end
+            positions.setdefault(toks[end - 1], []).append(end)
 
     def continuation(self, p: int, depth: int) -> list[int]:
         """`depth` tokens from position p, periodic past the end (see rule 3)."""
@@ -159,9 +157,13 @@ class RequestIndex:
         """levels[n - 1]: positions after earlier occurrences of the last n tokens, for n = 1..
         the longest suffix found (the list stops at the first miss: shorter always match)."""
         toks, out = self.tokens, []
-        for n in range(1, min(max_n, len(toks) - 1) + 1):
-            found = self.positions.get(tuple(toks[len(toks) - n :]))
-            if found is None:
+        last = len(toks)
+        found = self.positions.get(toks[-1]) if toks else None
+        for n in range(1, min(max_n, last - 1) + 1):
+            if n > 1:  # narrow to the occurrences whose n-th token back matches too
+                want = toks[last - n]
+                found = [p for p in found if p >= n and toks[p - n] == want]
+            if not found:
                 break
             out.append(found)
         return out
