@@ -3,6 +3,9 @@ against plain decoding on the built-in prompts (first turns), greedy.
 
     python scripts/heads_acceptance.py --prompts 8 --max-tokens 96 [--methods medusa,eagle]
 
+A method is a drafter's name or one of VARIANTS (auto with and without the heads among its
+candidates), e.g. --methods auto-model-free,auto+medusa,auto+eagle,auto.
+
 Drafting time is the time spent in the drafter's propose / observe / observe_prompt, measured
 by timing wrappers installed on the drafter classes for this script only.
 """
@@ -18,6 +21,12 @@ from importlib import resources
 from onepass import LLM, SamplingParams
 
 SPENT = {"drafting": 0.0}
+MODEL_FREE = ["ngram", "suffix", "recycling"]
+VARIANTS = {
+    "auto-model-free": {"method": "auto", "methods": MODEL_FREE},
+    "auto+medusa": {"method": "auto", "methods": [*MODEL_FREE, "medusa"]},
+    "auto+eagle": {"method": "auto", "methods": [*MODEL_FREE, "eagle"]},
+}
 
 
 def timed(cls: type) -> None:
@@ -60,7 +69,7 @@ def main() -> None:
     for prompt in prompts:
         messages = [{"role": "user", "content": prompt}]
         for method in methods:
-            spec = {"method": method} if method else None
+            spec = VARIANTS.get(method, {"method": method}) if method else None
             SPENT["drafting"] = 0.0
             start = time.perf_counter()
             out = llm.chat(messages, params, speculative_config=spec)[0]

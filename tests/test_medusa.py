@@ -106,6 +106,8 @@ def test_the_dynamic_tree_takes_the_most_probable_paths_best_first():
 
     heads = MedusaHeads(3, 4)
     drafter = MedusaDrafter(Options(max_nodes=5, top_k=2), heads, None, 5)
+    drafter.feature = torch.zeros(1, 4)  # observed; the heads' guesses from it, as given:
+    drafter._guess = lambda: None
     drafter.candidates = [[10, 11], [20, 21], [30, 31]]
     drafter.probs = [[0.9, 0.1], [0.5, 0.3], [0.8, 0.2]]
     draft = drafter.propose(DecodeState([1, 2], 1, 64, 64))

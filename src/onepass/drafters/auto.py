@@ -47,16 +47,18 @@ pending proposals and runs.
 
 from __future__ import annotations
 
+import math
 import time
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from onepass.draft import NODE_CLASSES, DecodeState, Draft, Verdict
 from onepass.drafters import DraftContext, build_drafter, options_class
 from onepass.drafters.base import Drafter
+from onepass.errors import InputError
 from onepass.models.base import ModelOutput
 from onepass.tree import Tree
 
@@ -66,6 +68,10 @@ if TYPE_CHECKING:
 CALIBRATION_EVIDENCE = 8.0  # predicted accepted tokens before the calibration applies
 CALIBRATION_DECAY = 0.99  # per step with a draft
 MAX_SKIP = 8  # longest pause in proposing (steps) once drafting stopped paying for its time
+# ... unless proposing costs so much that even one proposal per MAX_SKIP + 1 steps would spend
+# more than this share of the steps' time (a trained head's tree: several passes of the head):
+# then pauses grow until it does not.
+PROBE_SHARE = 0.02
 PACE_DECAY = 0.9  # weight of the past in what proposing has been worth (per proposal)
 MAX_PENDING = 64  # proposals awaiting enough emitted tokens to be scored, per drafter
 DEPTHS = 8  # nodes from this depth on share their estimates
@@ -88,10 +94,22 @@ RECYCLING_TREE = (
 )  # fmt: skip
 
 
+MODEL_FREE = ("ngram", "suffix", "recycling")
+HEAD_METHODS = ("medusa", "eagle")  # join auto's candidates when heads exist for the target
+
+
 @dataclass
 class Options:
-    methods: list[str] = field(default_factory=lambda: ["ngram", "suffix", "recycling"])
-    """Candidate drafters (each with its default options) whose trees are merged."""
+    methods: list[str] | None = None
+    """Candidate drafters (each with its default options) whose trees are merged. None: ngram,
+    suffix and recycling, plus the heads if `heads`, plus draft_model if `model` is set."""
+    heads: bool = False
+    """With methods None: medusa and eagle join the candidates where heads exist for the target
+    (shipped, or trained into the cache). Off by default: the heads shipped for the default
+    model, trained on 3000 conversations, made auto 5-10% slower (docs/results/heads)."""
+    model: str | None = None
+    """A draft model (draft_model's `model`: "default", a .gguf, an HF directory) whose chains
+    join the candidates."""
     max_nodes: int = 15
     """Largest draft per step (15 + the root = 16 rows, where the CPU backend's cost steps up;
     the cost curve would price larger drafts, but they rarely pay)."""
@@ -107,9 +125,16 @@ class Options:
 
         # Lookahead's window rows are not draft nodes: they cannot be merged into a tree.
         allowed = sorted(set(METHODS) - {"auto", "lookahead"})
-        bad = [m for m in self.methods if m not in allowed]
-        if not self.methods or bad:
-            raise ValueError(f"methods must be drafters among {allowed}")
+        if self.methods is not None:
+            bad = [m for m in self.methods if m not in allowed]
+            if not self.methods or bad:
+                raise ValueError(f"methods must be drafters among {allowed}")
+            if self.model is not None and "draft_model" not in self.methods:
+                raise ValueError("model is the draft model of draft_model: list it in methods")
+        if not isinstance(self.heads, bool):
+            raise ValueError("heads must be true or false")
+        if self.model is not None and not isinstance(self.model, str):
+            raise ValueError("model must be a string: 'default', a .gguf file or a directory")
         if not 1 <= self.max_nodes <= 64:
             raise ValueError("max_nodes must be in 1..64")
         if not 0 < self.decay < 1 or not 0 < self.prior_acceptance < 1:
@@ -258,19 +283,40 @@ class MergedTree:
         return Draft([self.tokens[i] for i in nodes], Tree(parents), sources=sources)
 
 
-def sub_drafter_config(method: str, max_nodes: int, context: DraftContext) -> tuple:
+def sub_drafter_config(
+    method: str, max_nodes: int, context: DraftContext, model: str | None = None
+) -> tuple:
     """Options and context for one of auto's drafters: each proposes up to max_nodes tokens,
-    except recycling, which offers its whole (wider) template for auto to prune."""
+    except recycling, which offers its whole (wider) template for auto to prune; a draft model
+    is auto's `model`."""
     options = options_class(method)()
     if method == "recycling":
         options.tree = [list(path) for path in RECYCLING_TREE]
-    sub_context = DraftContext(
-        backend=context.backend,
-        vocab_size=context.vocab_size,
-        num_speculative_tokens=None if method == "recycling" else max_nodes,
-        tokenizer=context.tokenizer,
+    if method == "draft_model" and model is not None:
+        options.model = model
+    sub_context = replace(
+        context, num_speculative_tokens=None if method == "recycling" else max_nodes
     )
     return options, sub_context
+
+
+def default_methods(options: Options, context: DraftContext) -> list[str]:
+    """The model-free drafters, the heads trained for the target if asked, the draft model if
+    set."""
+    methods = list(MODEL_FREE)
+    if options.heads and context.backend is not None and context.model_key:
+        from onepass.drafters.medusa import target_of
+        from onepass.heads.files import find_heads
+
+        for method in HEAD_METHODS:
+            try:
+                find_heads(method, target_of(context), context.cache_dir)
+            except InputError:
+                continue
+            methods.append(method)
+    if options.model is not None:
+        methods.append("draft_model")
+    return methods
 
 
 class Estimates:
@@ -322,7 +368,8 @@ class Learned:
 @dataclass
 class Pace:
     """Whether proposing has been worth its time, and the pause it earned if not: a pause
-    doubles (up to MAX_SKIP steps) while proposing keeps not paying and ends when it pays."""
+    doubles (up to MAX_SKIP steps, or more for a costly drafter) while proposing keeps not
+    paying and ends when it pays."""
 
     worth: float | None = None
     """Seconds a proposal saved, net of its own time (a decaying mean; None before the first):
@@ -332,7 +379,7 @@ class Pace:
     """Steps left without proposing."""
     backoff: int = 0
 
-    def update(self, saved: float) -> None:
+    def update(self, saved: float, longest: int = MAX_SKIP) -> None:
         if self.worth is None:
             self.worth = saved
         else:
@@ -340,7 +387,7 @@ class Pace:
         if self.worth > 0:
             self.backoff = 0
         else:
-            self.backoff = min(MAX_SKIP, 2 * self.backoff or 1)
+            self.backoff = min(longest, 2 * self.backoff or 1)
             self.skip = self.backoff
 
     def paused(self) -> bool:
@@ -439,7 +486,9 @@ class AutoDrafter(Drafter):
         self.pace.update(saved - self.learned.draft_time)
         for method, c in self.candidates.items():
             if c.latest is not None:
-                c.pace.update(by_source.get(method, 0.0) - c.estimates.propose_time)
+                cost = c.estimates.propose_time
+                longest = max(MAX_SKIP, math.ceil(cost / (PROBE_SHARE * self._time(1))))
+                c.pace.update(by_source.get(method, 0.0) - cost, longest)
         self.rows = 1 + len(best)
         self.drafting = time.perf_counter() - started
         return best
@@ -521,8 +570,10 @@ class AutoDrafter(Drafter):
 
 def build(options: Options, context: DraftContext) -> AutoDrafter:
     max_nodes = min(options.max_nodes, context.num_speculative_tokens or 64)
+    methods = options.methods or default_methods(options, context)
     drafters = {
-        m: build_drafter(m, *sub_drafter_config(m, max_nodes, context)) for m in options.methods
+        m: build_drafter(m, *sub_drafter_config(m, max_nodes, context, options.model))
+        for m in methods
     }
     cost = context.cost_model() if callable(context.cost_model) else context.cost_model
     return AutoDrafter(options, drafters, cost, max_nodes)

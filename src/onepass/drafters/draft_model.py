@@ -125,11 +125,12 @@ class DraftModelDrafter(Drafter):
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
         # The draft cache holds the request's tokens up to the root, then the draft tokens this
         # drafter fed (all of its chain but the last). Those stay that the emitted tokens
-        # confirm, whoever drafted the verified tree (alone, or merged by auto).
+        # confirm, whoever drafted the verified tree (alone, or merged by auto), but not the
+        # next root (the last emitted token): the next proposal feeds it, for its logits.
         fed_drafts = self.fed_drafts
         committed = self.decoder.cache_len - len(fed_drafts)
         keep = 0
-        for fed, emitted in zip(fed_drafts, verdict.tokens, strict=False):
+        for fed, emitted in zip(fed_drafts, verdict.tokens[:-1], strict=False):
             if fed != emitted:
                 break
             keep += 1

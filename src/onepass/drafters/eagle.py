@@ -82,43 +82,54 @@ class EagleDrafter(Drafter):
         self.length = 0  # committed rows of the head's cache
         self.last: Tensor | None = None  # [H]: the head's guess of the root's hidden state
         self.root_position = 0
+        # Observed rows (h_t [n, H], the tokens after them, the first one's position) the head
+        # has not read yet: it reads them all when a proposal needs them (auto may skip
+        # proposing for a few steps, and then pays nothing for the head meanwhile).
+        self.waiting: list[tuple[Tensor, list[int], int]] = []
 
     def fork(self) -> EagleDrafter:
         return EagleDrafter(self.options, self.shared, self.max_nodes)
 
     def start(self, prompt_ids: Sequence[int]) -> None:
-        self.length, self.last = 0, None
+        self.length, self.last, self.waiting = 0, None, []
         self.root_position = len(prompt_ids) - 1  # observe_prompt's row: the last prompt token
 
     def observe_prompt(self, out: ModelOutput, first_token: int) -> None:
         # The prompt's last row, at the position just before the first root.
-        self._feed(out, [out.logits.shape[0] - 1], [first_token], self.root_position)
+        self._keep(out, [out.logits.shape[0] - 1], [first_token])
 
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
         rows = [0, *(i + 1 for i in verdict.path)]  # the root's row and the accepted nodes'
-        self._feed(out, rows, verdict.tokens, self.root_position)
-        # The next root is the last emitted token (kept here, not read from the next proposal:
-        # auto may skip proposing for a few steps).
-        self.root_position += len(verdict.tokens)
+        self._keep(out, rows, verdict.tokens)
+        self.root_position += len(verdict.tokens)  # the next root: the last emitted token
 
-    def _feed(self, out: ModelOutput, rows: list[int], next_tokens: list[int], at: int) -> None:
-        """Append rows (h_t, e(x_{t+1})) at positions at, at + 1, ... to the head's cache; the
-        last one's output guesses the hidden state of the next root."""
+    def _keep(self, out: ModelOutput, rows: list[int], next_tokens: list[int]) -> None:
         if out.hidden is None:
             raise ValueError("eagle needs the target's hidden states (ModelOutput.hidden)")
-        n = len(rows)
-        positions = torch.arange(at, at + n)
         with torch.inference_mode():
-            hidden = out.hidden[rows].float()  # [n, H]: h_t
-            embedded = self.shared.embed(torch.tensor(next_tokens)).float()  # e(x_{t+1})
-            end = self.length + n
-            if end > self.shared.max_len:  # the request outgrew the cache: stop drafting
-                self.last = None
-                return
+            hidden = out.hidden[rows].float()  # a copy: the forward's buffers are reused
+        self.waiting.append((hidden, list(next_tokens), self.root_position))
+
+    def _feed(self) -> None:
+        """Append the waiting rows (h_t, e(x_{t+1})) at their positions to the head's cache, in
+        one pass of the head; the last one's output guesses the hidden state of the root."""
+        if not self.waiting:
+            return
+        hidden = torch.cat([h for h, _, _ in self.waiting])  # [n, H]: h_t
+        tokens = [t for _, ts, _ in self.waiting for t in ts]
+        positions = torch.cat([torch.arange(at, at + len(ts)) for _, ts, at in self.waiting])
+        self.waiting = []
+        end = self.length + len(tokens)
+        if end > self.shared.max_len:  # the request outgrew the cache: stop drafting
+            self.last = None
+            return
+        with torch.inference_mode():
+            embedded = self.shared.embed(torch.tensor(tokens)).float()  # e(x_{t+1})
             g = self._head(hidden, embedded, positions, self.length)
         self.length, self.last = end, g[-1]
 
     def propose(self, state: DecodeState) -> Draft:
+        self._feed()
         limit = min(self.max_nodes, state.max_draft_tokens)
         if self.last is None or limit <= 0 or state.max_depth <= 0:
             return Draft.empty()

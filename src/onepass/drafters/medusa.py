@@ -97,7 +97,10 @@ class MedusaDrafter(Drafter):
             self.template = tree, paths
         ranks = [r for p in self.template[1] for r in p] if self.template else [options.top_k - 1]
         self.top_k = max(ranks) + 1
-        # This request's: each head's candidates for the next draft (None: nothing observed).
+        # This request's: the hidden state the next draft reads (None: nothing observed), kept
+        # until a proposal asks for it (auto may skip proposing: then the heads never run),
+        # and each head's candidates from it.
+        self.feature: Any = None  # [1, H]
         self.candidates: list[list[int]] | None = None  # [K][top_k] tokens
         self.probs: list[list[float]] | None = None  # [K][top_k] their probabilities
 
@@ -105,12 +108,13 @@ class MedusaDrafter(Drafter):
         return MedusaDrafter(self.options, self.heads, self.lm_head, self.max_nodes)
 
     def start(self, prompt_ids: Sequence[int]) -> None:
-        self.candidates = self.probs = None
+        self.feature = self.candidates = self.probs = None
 
     def propose(self, state: DecodeState) -> Draft:
         limit = min(self.max_nodes, state.max_draft_tokens)
-        if self.candidates is None or limit <= 0 or state.max_depth <= 0:
+        if self.feature is None or limit <= 0 or state.max_depth <= 0:
             return Draft.empty()
+        self._guess()
         paths = self.template[1] if self.template else self._best_paths(limit)  # parents first
         paths = [p for p in paths if len(p) <= state.max_depth][:limit]
         index = {p: i for i, p in enumerate(paths)}
@@ -119,19 +123,23 @@ class MedusaDrafter(Drafter):
         return Draft(tokens, Tree(parents))
 
     def observe_prompt(self, out: ModelOutput, first_token: int) -> None:
-        self._guess(out, out.logits.shape[0] - 1)  # the prompt's last row
+        self._keep(out, out.logits.shape[0] - 1)  # the prompt's last row
 
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
-        self._guess(out, verdict.path[-1] + 1 if verdict.path else 0)
+        self._keep(out, verdict.path[-1] + 1 if verdict.path else 0)
 
-    def _guess(self, out: ModelOutput, row: int) -> None:
-        """Each head's candidates from the hidden state of the forward's row `row` (the last
-        accepted token, whose successor is the next root)."""
+    def _keep(self, out: ModelOutput, row: int) -> None:
+        """The hidden state of the forward's row `row` (the last accepted token, whose
+        successor is the next root), for the next proposal."""
         if out.hidden is None:
             raise ValueError("medusa needs the target's hidden states (ModelOutput.hidden)")
+        self.feature = out.hidden[row : row + 1].clone()
+
+    def _guess(self) -> None:
+        """Each head's candidates from the kept hidden state."""
         with torch.inference_mode():
-            features = self.heads(out.hidden[row : row + 1].float())[0]  # [K, H]
-            logits = self.lm_head(features.to(out.hidden.dtype)).float()  # [K, (draft) vocab]
+            features = self.heads(self.feature.float())[0]  # [K, H]
+            logits = self.lm_head(features.to(self.feature.dtype)).float()  # [K, (draft) vocab]
             probs, tokens = torch.softmax(logits, -1).topk(self.top_k, -1)  # [K, top_k]
             if self.heads.draft_vocab is not None:
                 tokens = self.heads.draft_vocab[tokens]  # target ids

@@ -193,7 +193,7 @@ class RecyclingDrafter(Drafter):
         if memory is None:
             memory = Memory(vocab_size, options.top_k, options.pair_context)
         self.memory = memory
-        # This request's: the root of the last proposal and the token before it (-1 = none).
+        # This request's: the root of the next forward and the token before it (-1 = none).
         self.root: int | None = None
         self.before_root = -1
 
@@ -259,6 +259,10 @@ class RecyclingDrafter(Drafter):
             seen = [r for r in rows if before[r] >= 0]
             pairs = self.memory.pairs
             pairs.put([before[r] for r in seen], [row_tokens[r] for r in seen], top[seen])
+        # The next root and the token before it (kept here, not only read from the next
+        # proposal: auto may skip proposing, and the table still learns from every forward).
+        emitted = [self.root, *verdict.tokens]
+        self.root, self.before_root = emitted[-1], emitted[-2]
 
 
 def update_order(n: int, path: Sequence[int]) -> list[int]:
