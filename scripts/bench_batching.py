@@ -1,6 +1,6 @@
 """Continuous batching in-process (no HTTP): where the time of a batch goes, plain vs `auto`.
 
-Runs the built-in prompts' first turns (greedy, chat template) through LLM.request / LLM.step,
+Runs distinct built-in prompts (greedy, chat template) through LLM.request / LLM.step,
 at most B at a time, admitting the next prompt as soon as one finishes, and splits the forwards
 into prompt steps (a prompt chunk in the forward), full-batch decoding steps and the tail. Each
 run starts with fresh drafters, so that what `auto` learned in one run (the suffix history
@@ -16,13 +16,12 @@ import time
 from collections import deque
 
 from onepass import LLM, SamplingParams
-from onepass.bench.questions import load_questions
+from onepass.bench.questions import answer_lengths, distinct_prompts, load_questions
 
 
-def run(llm: LLM, prompts: list[str], spec: dict | None, batch: int, max_tokens: int) -> dict:
+def run(llm: LLM, prompts: list[str], spec: dict | None, batch: int, lengths: list[int]) -> dict:
     llm._drafters.clear()  # fresh drafters: nothing learned from an earlier run
-    params = SamplingParams(max_tokens=max_tokens, temperature=0)
-    waiting, running, steps = deque(prompts), [], []
+    waiting, running, steps = deque(zip(prompts, lengths, strict=True)), [], []
     inner = llm.backend.run_batch
     shape: dict = {}
 
@@ -42,7 +41,9 @@ def run(llm: LLM, prompts: list[str], spec: dict | None, batch: int, max_tokens:
     try:
         while waiting or running:
             while waiting and len(running) < batch:
-                messages = [{"role": "user", "content": waiting.popleft()}]
+                prompt, length = waiting.popleft()
+                messages = [{"role": "user", "content": prompt}]
+                params = SamplingParams(max_tokens=length, temperature=0)
                 running.append(llm.request(messages, params, speculative_config=spec))
             outs = llm.step(running)
             tokens = sum(len(o.outputs[0].token_ids) for o in outs if o is not None)
@@ -70,15 +71,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", default="1,8,16", help="requests side by side")
     parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--max-tokens", default="64", help="each answer's max_tokens: N, or LO-HI (seeded)"
+    )
     args = parser.parse_args()
     questions = load_questions()
-    prompts = [questions[i % len(questions)].turns[0] for i in range(args.requests)]
+    distinct = distinct_prompts(questions)
+    if not 1 <= args.requests <= len(distinct):
+        parser.error(f"--requests must be in 1..{len(distinct)} (the distinct prompts)")
+    prompts = distinct[: args.requests]
+    lengths = answer_lengths(args.max_tokens, len(prompts))
     llm = LLM("default")
-    run(llm, prompts[:2], None, 2, 8)  # warm-up
+    run(llm, prompts[:2], None, 2, [8, 8])  # warm-up
     for batch in (int(b) for b in args.batch.split(",")):
         for spec in (None, {"method": "auto"}):
-            r = run(llm, prompts, spec, batch, args.max_tokens)
+            r = run(llm, prompts, spec, batch, lengths)
             parts = " | ".join(
                 f"{phase}: {p['steps']} steps {p['seconds']:.2f} s, {p['rows_per_step']:.1f} "
                 f"rows and {p['tokens_per_step']:.1f} tokens per step"

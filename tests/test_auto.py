@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from onepass.cost import CostModel, LiveCost
-from onepass.draft import NODE_CLASSES, DecodeState, Draft
+from onepass.draft import NODE_CLASSES, DecodeState, Draft, Verdict
 from onepass.drafters.auto import (
     MAX_SKIP,
     RUN_BOUNDS,
@@ -237,20 +237,18 @@ def test_a_drafter_on_a_run_is_presumed_right_until_evidence_says_otherwise():
     assert {confident.stats(classed, s).rate(4, 3) for s in range(len(RUN_BOUNDS) + 1)} == {0.95}
 
 
-def test_a_draft_reports_the_seconds_it_saves_and_each_drafters_share():
-    # t(k) = 1 + 0.1 (k - 1), nodes 0.5, 0.25: two nodes, 0.75 more tokens (worth 0.75 at plain
-    # decoding's rate of one per second) for 0.2 more seconds.
+def test_a_draft_reports_the_rate_it_must_beat_and_the_time_its_rows_add():
+    # t(k) = 1 + 0.1 (k - 1), nodes 0.5, 0.25: two nodes, against plain decoding's one token
+    # per second; their rows add 0.2 seconds.
     linear = CostModel((1, 32), (1.0, 4.1))
-    draft, saved, by_source = bare_auto(linear).best_draft(chain_tree(8, 0.5), state())
+    draft, rate, added = bare_auto(linear).best_draft(chain_tree(8, 0.5), state())
     assert len(draft) == 2
-    assert saved == pytest.approx(0.55) and by_source == {"a": pytest.approx(0.75)}
+    assert rate == pytest.approx(1.0) and added == pytest.approx(0.2)
     merged = chain_tree(2, 0.9)
     merged.add(Draft([20], Tree((-1,))), stats_with({(1, 0): 0.3}), "b")  # a sibling of 10
     flat = CostModel((1, 32), (1.0, 1.0))
-    draft, saved, by_source = bare_auto(flat).best_draft(merged, state())
-    assert draft.sources == ["a", "a", "b"]
-    assert by_source == {"a": pytest.approx(0.9 + 0.81), "b": pytest.approx(0.3)}
-    assert saved == pytest.approx(2.01)
+    draft, rate, added = bare_auto(flat).best_draft(merged, state())
+    assert draft.sources == ["a", "a", "b"] and added == 0.0
 
 
 def test_a_pause_doubles_while_proposing_does_not_pay_and_ends_when_it_does():
@@ -285,14 +283,17 @@ class CountingDrafter(Drafter):
         pass
 
 
-def proposals(auto: AutoDrafter, drafter: CountingDrafter, steps: int) -> list[int]:
-    """The steps at which `drafter` was asked to propose."""
+def proposals(auto, drafter, steps: int, accept: int = 0) -> list[int]:
+    """The steps at which `drafter` was asked to propose, each step's draft verified with its
+    first `accept` nodes accepted (a chain's)."""
     out = []
     for step in range(steps):
         before = drafter.calls
-        auto.propose(state())
+        draft = auto.propose(state())
         if drafter.calls > before:
             out.append(step)
+        path = list(range(min(accept, len(draft))))
+        auto.observe(draft, Verdict(path, [*(draft.tokens[i] for i in path), 99]), None)
     return out
 
 
@@ -301,19 +302,57 @@ def test_a_request_whose_drafting_does_not_pay_its_time_pauses_it():
     auto = AutoDrafter(Options(), {"ngram": counting}, CostModel((1, 32), (1.0, 1.0)), 16)
     auto.start([1, 2, 3])
     auto.learned.draft_time = 100.0  # far more than any draft can save
-    assert proposals(auto, counting, 20) == [0, 2, 5, 10, 10 + MAX_SKIP + 1]
+    assert proposals(auto, counting, 20, accept=3) == [0, 2, 5, 10, 10 + MAX_SKIP + 1]
     auto.start([1, 2, 3])  # a new request starts without a pause
     assert proposals(auto, counting, 1) == [0]
 
 
+def test_drafting_that_delivers_nothing_turns_to_probes_until_a_probe_would_have_paid():
+    """Drafts that are never accepted stop reaching the forward: later proposals are probes,
+    scored against the emitted tokens only. Once the output follows a probe's draft, drafting
+    resumes."""
+
+    class Cycling(CountingDrafter):
+        """Proposes the next three tokens of the cycle 5, 6, 7, 8 after the root."""
+
+        def propose(self, state):
+            self.calls += 1
+            last = state.tokens[-1]
+            start = (last - 4) % 4 if last in (5, 6, 7, 8) else 0
+            return Draft.chain([5 + (start + i) % 4 for i in range(3)])
+
+    counting = Cycling()
+    linear = CostModel((1, 32), (1.0, 4.1))  # a row costs a tenth of a step
+    auto = AutoDrafter(Options(), {"ngram": counting}, linear, 16)
+    tokens = [1, 2, 3]
+    auto.start(tokens)
+
+    def step(emitted: int) -> bool:
+        draft = auto.propose(DecodeState(list(tokens), 2, 32, 10))
+        auto.observe(draft, Verdict([], [emitted]), None)  # nothing accepted
+        tokens.append(emitted)
+        return len(draft) > 0
+
+    sent = [step(99) for _ in range(40)]
+    assert sent[0] and sum(sent) <= 12 and not any(sent[-20:])
+    assert counting.calls < 25  # then probes, at growing intervals
+    resumed = False
+    for emitted in [5, 6, 7, 8] * 10:  # the output now runs along the drafter's chain
+        if step(emitted):
+            resumed = True
+            break
+    assert resumed
+
+
 def test_a_drafter_whose_nodes_are_not_worth_its_time_pauses_alone():
     """Two drafters propose the same chain; the second's nodes add nothing (the first's
-    estimate wins each merged node) and it is slow: it pauses, the first goes on."""
+    estimate wins each merged node, and with it the accepted tokens) and it is slow: it
+    pauses, the first goes on."""
     fast, slow = CountingDrafter(), CountingDrafter()
     flat = CostModel((1, 32), (1.0, 1.0))
     auto = AutoDrafter(Options(), {"ngram": fast, "suffix": slow}, flat, 16)
     auto.start([1, 2, 3])
     auto.learned.estimates["suffix"].propose_time = 100.0
     before = fast.calls
-    assert proposals(auto, slow, 20) == [0, 2, 5, 10, 10 + MAX_SKIP + 1]
+    assert proposals(auto, slow, 20, accept=3) == [0, 2, 5, 10, 10 + MAX_SKIP + 1]
     assert fast.calls - before == 20

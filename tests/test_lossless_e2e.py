@@ -43,7 +43,8 @@ def test_greedy_identity(llm, method):
     print(f"{method}: {near_ties} near-tie divergence(s) over {len(PROMPTS)} prompts")
 
 
-SAMPLED_DRAFTS = {"draft_model"}  # drafts drawn from a distribution: rejection sampling
+# Drafts drawn from a distribution: rejection sampling.
+SAMPLED_DRAFTS = {"draft_model", "layer_skip"}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

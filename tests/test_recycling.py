@@ -55,9 +55,10 @@ def step(
     before: int = -1,
 ):
     """Pretend the engine proposed `draft` after `before`, `root` and the target returned
-    `logits`."""
+    `logits`; the drafter learns from it, as it does at the next proposal."""
     d.root, d.before_root = root, before
     d.observe(draft, Verdict(path, [0] * (len(path) + 1)), ModelOutput(logits))
+    d._learn()
 
 
 def test_update_stores_each_row_tokens_topk():
@@ -205,7 +206,23 @@ def test_matrix_persistence_across_requests(persist):
 def test_observe_before_any_proposal_is_harmless():
     d = drafter()
     d.observe(Draft.empty(), Verdict([], [3]), ModelOutput(logits_ranking([1, 2, 3])))
+    d._learn()
     assert not d.memory.filled.any()
+
+
+def test_only_the_latest_forward_is_learned_from_when_proposals_pause():
+    """auto may skip proposing: the steps in between are not learned from, the latest is, and
+    the root follows the emitted tokens all along."""
+    d = drafter()
+    d.start([0, 1])
+    d.propose(state([0, 1]))
+    d.observe(Draft.empty(), Verdict([], [3]), ModelOutput(logits_ranking([5, 6, 7])))
+    d.observe(Draft.empty(), Verdict([], [4]), ModelOutput(logits_ranking([8, 9, 10])))
+    assert (d.root, d.before_root) == (4, 3)
+    assert not d.memory.filled.any()  # nothing read yet
+    d.propose(state([0, 1, 3, 4]))
+    assert d.memory.filled.tolist() == [i == 3 for i in range(VOCAB)]  # the latest root's row
+    assert d.memory.matrix[3].tolist()[:3] == [8, 9, 10]
 
 
 def test_rows_are_also_stored_under_their_two_token_context():

@@ -4,6 +4,7 @@ built-in prompt set."""
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -39,6 +40,27 @@ def load_questions(path: str | Path | None = None) -> list[Question]:
     except (OSError, UnicodeDecodeError) as e:
         raise BenchError(f"cannot read dataset {file} ({e})") from None
     return _parse_lines(text.splitlines(), str(file))
+
+
+def distinct_prompts(questions: Sequence[Question]) -> list[str]:
+    """Every turn as a prompt of its own, first turns first: a load of distinct requests (a
+    repeated prompt would be drafted whole from the suffix history of its earlier answer)."""
+    return [q.turns[0] for q in questions] + [t for q in questions for t in q.turns[1:]]
+
+
+def answer_lengths(spec: str, n: int, seed: int = 0) -> list[int]:
+    """n answer lengths (max_tokens) from "N" (all N) or "LO-HI" (uniform, seeded: the same
+    for every method). Real traffic's answers differ in length; all alike, a batch of requests
+    admitted together finishes together, which a closed-loop load test then rewards."""
+    low, _, high = spec.partition("-")
+    try:
+        lo, hi = int(low), int(high or low)
+    except ValueError:
+        raise BenchError(f"answer lengths must be N or LO-HI, got {spec!r}") from None
+    if not 1 <= lo <= hi:
+        raise BenchError(f"answer lengths must be positive and LO <= HI, got {spec!r}")
+    rng = random.Random(seed)
+    return [rng.randint(lo, hi) for _ in range(n)]
 
 
 def _parse_lines(lines: Iterable[str], source: str) -> list[Question]:

@@ -202,10 +202,18 @@ class LlamaCppRunner(Stateless):
     name = "llamacpp"
 
     def __init__(self, gguf: Path, n_ctx: int, sampling: Sampling) -> None:
+        import torch
         from llama_cpp import Llama
 
+        # The same thread count as onepass (llama-cpp-python's default is half the cores).
+        threads = torch.get_num_threads()
         self.model = Llama(
-            model_path=str(gguf), n_ctx=n_ctx, seed=sampling.seed or 0, verbose=False
+            model_path=str(gguf),
+            n_ctx=n_ctx,
+            seed=sampling.seed or 0,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
         )
         self.sampling = sampling
 

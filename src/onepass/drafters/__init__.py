@@ -21,6 +21,7 @@ METHODS: dict[str, str] = {
     "recycling": "recycling",
     "auto": "auto",
     "draft_model": "draft_model",
+    "layer_skip": "layer_skip",
     "medusa": "medusa",
     "eagle": "eagle",
 }

@@ -24,9 +24,9 @@ the largest expected tokens per second, E(N) / t(1 + N), from the backend's cost
 current context length. If nothing beats plain decoding's 1 / t(1), the draft is empty.
 
 Drafting has a price of its own: the drafters' Python runs between forwards, and delays the
-whole forward. Each proposal's saving (the time plain decoding would take for its expected
-extra tokens, less the time its rows add) is weighed against the time auto's step took, and
-each drafter's share of the chosen nodes against the time it took to propose (Pace). Where
+whole forward. What each proposal delivered (the time plain decoding would take for the draft
+tokens accepted, less the time the draft's rows added) is weighed against the time auto's
+step took, and each drafter's accepted nodes against the time it took to propose (Pace). Where
 drafting has stopped paying (a large batch, where a row barely pays) the request pauses it,
 for 1, 2, 4, up to MAX_SKIP steps while it keeps not paying; a drafter whose nodes are not
 worth its time (they duplicate cheaper ones', or are rarely right) pauses alone. So auto is
@@ -68,11 +68,11 @@ if TYPE_CHECKING:
 CALIBRATION_EVIDENCE = 8.0  # predicted accepted tokens before the calibration applies
 CALIBRATION_DECAY = 0.99  # per step with a draft
 MAX_SKIP = 8  # longest pause in proposing (steps) once drafting stopped paying for its time
-# ... unless proposing costs so much that even one proposal per MAX_SKIP + 1 steps would spend
-# more than this share of the steps' time (a trained head's tree: several passes of the head):
-# then pauses grow until it does not.
+# ... unless probing costs so much that even one proposal per MAX_SKIP + 1 steps would spend
+# more than this share of the steps' time (a trained head's tree: several passes of the head;
+# every request of a large batch probing): then pauses grow until it does not.
 PROBE_SHARE = 0.02
-PACE_DECAY = 0.9  # weight of the past in what proposing has been worth (per proposal)
+PACE_DECAY = 0.95  # weight of the past in what proposing has been worth (per proposal)
 MAX_PENDING = 64  # proposals awaiting enough emitted tokens to be scored, per drafter
 DEPTHS = 8  # nodes from this depth on share their estimates
 RUN_BOUNDS = (1, 4)  # a drafter's record: 0 | 1-3 | 4+ emitted tokens in a row it predicted
@@ -368,25 +368,32 @@ class Learned:
 @dataclass
 class Pace:
     """Whether proposing has been worth its time, and the pause it earned if not: a pause
-    doubles (up to MAX_SKIP steps, or more for a costly drafter) while proposing keeps not
-    paying and ends when it pays."""
+    doubles (up to MAX_SKIP steps, or more where probing is dear) while proposing keeps not
+    paying, and ends when it pays again by at least one token's worth (so that a request near
+    break-even does not flip between the two, paying for probes each time)."""
 
     worth: float | None = None
-    """Seconds a proposal saved, net of its own time (a decaying mean; None before the first):
-    one step's outcome says little (most steps of fresh text have nothing to copy), a run of
-    them says whether proposing pays where this request now is."""
+    """Seconds the recent proposals saved, net of their own time (a decaying sum; None before
+    the first): one step's outcome says little (most steps of fresh text have nothing to
+    copy), and one accepted copy can be worth many drafts that cost a little each."""
+    active: bool = True
+    """Whether proposals send their drafts to the forward (else they are probes, drafted but
+    only scored against what is emitted: their rows cost the batch nothing)."""
     skip: int = 0
     """Steps left without proposing."""
     backoff: int = 0
 
-    def update(self, saved: float, longest: int = MAX_SKIP) -> None:
-        if self.worth is None:
-            self.worth = saved
+    def update(self, saved: float, longest: int = MAX_SKIP, prior: float = 0.0) -> None:
+        """Add a proposal's net saving. `prior`: one accepted token's worth, presumed before
+        the first proposal (a request is not paused on its first miss) and asked of a paused
+        one before it resumes."""
+        self.worth = PACE_DECAY * (prior if self.worth is None else self.worth) + saved
+        if self.worth > (0.0 if self.active else prior):
+            # A resumed request keeps half its pause: should it stop paying again (near
+            # break-even), its probes do not start over at every step.
+            self.active, self.backoff = True, self.backoff // 2
         else:
-            self.worth = PACE_DECAY * self.worth + (1 - PACE_DECAY) * saved
-        if self.worth > 0:
-            self.backoff = 0
-        else:
+            self.active = False
             self.backoff = min(longest, 2 * self.backoff or 1)
             self.skip = self.backoff
 
@@ -396,6 +403,10 @@ class Pace:
             self.skip -= 1
             return True
         return False
+
+    def probed(self) -> None:
+        """A probe was drafted: pause as long again until its outcome is known."""
+        self.skip = self.backoff
 
 
 @dataclass
@@ -447,6 +458,14 @@ class AutoDrafter(Drafter):
         # little, it pauses proposing (and so its cost) for a while.
         self.pace = Pace()
         self.drafting: float | None = 0.0  # this step's drafting seconds (None: it paused)
+        self.plain_rate = 1.0  # the proposal's forward without its draft: tokens per second
+        self.added_time = 0.0  # seconds the draft's rows added to it
+        self.longest_pause = MAX_SKIP
+        # While proposing does not pay, proposals are probes: (index of the first token after
+        # the root, the draft, the rate it had to beat, the seconds its rows would have added),
+        # scored once the emitted tokens settle them.
+        self.probe = False
+        self.probes: deque = deque(maxlen=MAX_PENDING)
 
     def fork(self) -> AutoDrafter:
         drafters = {m: c.drafter.fork() for m, c in self.candidates.items()}
@@ -458,6 +477,7 @@ class AutoDrafter(Drafter):
             c.pending.clear()
             c.run, c.latest, c.pace = 0, None, Pace()
         self.pace = Pace()
+        self.probes.clear()
 
     def finish(self) -> None:
         for c in self.candidates.values():
@@ -482,25 +502,22 @@ class AutoDrafter(Drafter):
                 run = run_state(c.run)
                 c.pending.append((len(state.tokens), draft, run))
                 merged.add(draft, c.estimates.stats(draft, run), method)
-        best, saved, by_source = self.best_draft(merged, state)
-        self.pace.update(saved - self.learned.draft_time)
-        for method, c in self.candidates.items():
-            if c.latest is not None:
-                cost = c.estimates.propose_time
-                longest = max(MAX_SKIP, math.ceil(cost / (PROBE_SHARE * self._time(1))))
-                c.pace.update(by_source.get(method, 0.0) - cost, longest)
-        self.rows = 1 + len(best)
+        best, self.plain_rate, self.added_time = self.best_draft(merged, state)
         self.drafting = time.perf_counter() - started
+        self.probe = not self.pace.active
+        if self.probe:
+            if len(best):
+                step = (len(state.tokens), best, self.plain_rate, self.added_time)
+                self.probes.append(step)
+            self.pace.probed()
+            best = Draft.empty()
+        self.rows = 1 + len(best)
         return best
 
-    def best_draft(
-        self, merged: MergedTree, state: DecodeState
-    ) -> tuple[Draft, float, dict[str, float]]:
+    def best_draft(self, merged: MergedTree, state: DecodeState) -> tuple[Draft, float, float]:
         """The best-first prefix of `merged` with the most expected tokens per second (empty if
-        none beats plain decoding); the seconds it saves against plain decoding (the time plain
-        decoding would take for its extra expected tokens, less the time its rows add); and
-        what each drafter's nodes in it are worth, in the seconds plain decoding would take for
-        their expected tokens."""
+        none beats plain decoding), the rate it had to beat (tokens per second of the forward
+        without it) and the seconds its rows add to the forward."""
         self.context = len(state.tokens)  # the committed tokens and the root
         limit = min(self.max_nodes, state.max_draft_tokens)
         ranked = merged.best_first(state.max_depth)[:limit]
@@ -516,21 +533,20 @@ class AutoDrafter(Drafter):
         plain_rate = expected / plain_time
         base = plain_time - self._time(total)
         calibration = self.learned.calibration()
-        gains = [min(1.0, prob * calibration) for _, prob in ranked]
         best_n, best_value, best_time = 0, plain_rate, plain_time
-        for n, gain in enumerate(gains, start=1):
-            expected += gain
+        for n, (_, prob) in enumerate(ranked, start=1):
+            expected += min(1.0, prob * calibration)
             seconds = base + self._time(total + n)
             if expected / seconds > best_value:
                 best_n, best_value, best_time = n, expected / seconds, seconds
-        chosen = [node for node, _ in ranked[:best_n]]
         self.predicted = sum(prob for _, prob in ranked[:best_n])
-        saved = sum(gains[:best_n]) / plain_rate - (best_time - plain_time)
-        by_source: dict[str, float] = {}
-        for node, gain in zip(chosen, gains, strict=False):
-            source = merged.sources[node]
-            by_source[source] = by_source.get(source, 0.0) + gain / plain_rate
-        return merged.draft(chosen), saved, by_source
+        draft = merged.draft([node for node, _ in ranked[:best_n]])
+        # What probing costs the forward (a proposal's drafting and a row), against its time,
+        # with every request in it probing: a paused request's pauses may grow until probing
+        # costs the batch at most PROBE_SHARE of its time.
+        probe = decoding * (self.learned.draft_time + self._time(total + 1) - self._time(total))
+        self.longest_pause = max(MAX_SKIP, math.ceil(probe / (PROBE_SHARE * plain_time)))
+        return draft, plain_rate, best_time - plain_time
 
     def _time(self, rows: int) -> float:
         if self.cost is None:
@@ -544,15 +560,54 @@ class AutoDrafter(Drafter):
         for c in self.candidates.values():
             c.drafter.observe(draft, verdict, out)
             c.record(verdict.tokens)
-        oldest = min((p[0] for c in self.candidates.values() for p in c.pending), default=0)
+        if self.drafting is None:
+            return  # paused: what is pending is scored once proposing resumes
+        firsts = [p[0] for c in self.candidates.values() for p in c.pending]
+        oldest = min([*firsts, *(p[0] for p in self.probes)], default=0)
         # The emitted tokens from the oldest pending proposal on (the engine's list ends at the
         # root; this step's tokens are not in it yet).
         recent = [*self.tokens[oldest:], *verdict.tokens]
         for c in self.candidates.values():
             self._score_pending(c, recent, oldest)
-        if self.drafting is not None:
-            seconds = self.drafting + time.perf_counter() - started
-            self.learned.draft_time = 0.9 * self.learned.draft_time + 0.1 * seconds
+        seconds = self.drafting + time.perf_counter() - started
+        self.learned.draft_time = 0.9 * self.learned.draft_time + 0.1 * seconds
+        self._score_probes(recent, oldest)
+        if not self.probe:
+            self._pace(draft, verdict)
+
+    def _score_probes(self, recent: Sequence[int], offset: int) -> None:
+        """Settle the probes the emitted tokens now decide: what each would have delivered
+        (the tokens a verifier would have accepted of it, at its rate, less the time its rows
+        would have added and the drafting time) is what proposing is worth now."""
+        still: deque = deque(maxlen=MAX_PENDING)
+        for first_index, draft, rate, added in self.probes:
+            events = walk(draft, recent[first_index - offset :])
+            if events is None:
+                still.append((first_index, draft, rate, added))
+                continue
+            accepted = sum(hit for _, _, hit in events)
+            saved = accepted / rate - added - self.learned.draft_time
+            self.pace.update(saved, self.longest_pause, prior=1 / rate)
+        self.probes = still
+
+    def _pace(self, draft: Draft, verdict: Verdict) -> None:
+        """Weigh what this step's proposing delivered, the tokens accepted, against its cost:
+        the tokens at the rate the forward had without the draft, less the time its rows added
+        and the drafting time; and each drafter's accepted nodes against its proposing time.
+        (What was delivered, not what was predicted: the estimates that chose the nodes are
+        the most optimistic ones, and a pause must not rest on them.)"""
+        rate = self.plain_rate
+        saved = len(verdict.path) / rate - self.added_time - self.learned.draft_time
+        self.pace.update(saved, self.longest_pause, prior=1 / rate)
+        accepted: dict[str, int] = {}
+        for node in verdict.path:
+            if draft.sources is not None:
+                accepted[draft.sources[node]] = accepted.get(draft.sources[node], 0) + 1
+        for method, c in self.candidates.items():
+            if c.latest is not None:
+                cost = c.estimates.propose_time
+                longest = max(MAX_SKIP, math.ceil(cost / (PROBE_SHARE * self._time(1))))
+                c.pace.update(accepted.get(method, 0) / rate - cost, longest, prior=1 / rate)
 
     @staticmethod
     def _score_pending(c: Candidate, recent: Sequence[int], offset: int) -> None:

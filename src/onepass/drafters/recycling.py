@@ -196,6 +196,7 @@ class RecyclingDrafter(Drafter):
         # This request's: the root of the next forward and the token before it (-1 = none).
         self.root: int | None = None
         self.before_root = -1
+        self.unread: tuple | None = None  # the latest observed forward, not yet learned from
 
     def fork(self) -> RecyclingDrafter:
         # Without persist the memory is the request's own: a fork starts with an empty one.
@@ -203,11 +204,12 @@ class RecyclingDrafter(Drafter):
         return RecyclingDrafter(self.options, self.vocab_size, self.max_nodes, memory)
 
     def start(self, prompt_ids: Sequence[int]) -> None:
-        self.root = None
+        self.root, self.unread = None, None
         if not self.options.persist:
             self.memory.clear()
 
     def propose(self, state: DecodeState) -> Draft:
+        self._learn()
         root = self.root = state.tokens[-1]
         self.before_root = state.tokens[-2] if len(state.tokens) > 1 else -1
         limit = min(self.max_nodes, state.max_draft_tokens)
@@ -248,21 +250,33 @@ class RecyclingDrafter(Drafter):
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
         if self.root is None:
             return
+        # Learned from when the next proposal needs it: auto may skip proposing for a while,
+        # and then only the latest forward is read (the logits are kept, not copied).
+        self.unread = (self.root, self.before_root, draft, verdict.path, out.logits)
+        # The next root and the token before it.
+        emitted = [self.root, *verdict.tokens]
+        self.root, self.before_root = emitted[-1], emitted[-2]
+
+    def _learn(self) -> None:
+        """Fold the latest observed forward's top-k into the memory."""
+        if self.unread is None:
+            return
+        root, before_root, draft, path, logits = self.unread
+        self.unread = None
         n = len(draft)
-        top = row_top_k(out.logits[: n + 1], self.options.top_k).cpu().numpy()  # [n + 1, k]
-        row_tokens = [self.root, *draft.tokens]
-        rows = update_order(n, verdict.path)  # in increasing priority
+        top = row_top_k(logits[: n + 1], self.options.top_k).cpu().numpy()  # [n + 1, k]
+        row_tokens = [root, *draft.tokens]
+        rows = update_order(n, path)  # in increasing priority
         self.memory.update([row_tokens[r] for r in rows], top[rows])
         if self.memory.pairs is not None:
             # Each row's context: the token before the root, or the node's parent.
-            before = [self.before_root, *(row_tokens[p + 1] for p in draft.tree.parents)]
+            before = [before_root, *(row_tokens[p + 1] for p in draft.tree.parents)]
             seen = [r for r in rows if before[r] >= 0]
             pairs = self.memory.pairs
             pairs.put([before[r] for r in seen], [row_tokens[r] for r in seen], top[seen])
-        # The next root and the token before it (kept here, not only read from the next
-        # proposal: auto may skip proposing, and the table still learns from every forward).
-        emitted = [self.root, *verdict.tokens]
-        self.root, self.before_root = emitted[-1], emitted[-2]
+
+    def finish(self) -> None:
+        self._learn()
 
 
 def update_order(n: int, path: Sequence[int]) -> list[int]:

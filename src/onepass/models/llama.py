@@ -293,6 +293,7 @@ class NativeDecoder:
                 self.weights = [weight for weight, _ in linears]
                 self.packed = [pack(t, self.gemm) for t in self.weights]
                 self.layer_stack = scripted_decoder_layers()
+        self.layers = tuple(range(config.num_layers))  # the layers it runs (see subset())
         self.eps = torch.full((1, 1), config.rms_norm_eps, dtype=dtype, device=self.device)
         positions = torch.arange(max_len, dtype=torch.float32)
         angles = torch.outer(positions, rope_inv_freq(config))  # [max_len, head_dim / 2]
@@ -316,11 +317,36 @@ class NativeDecoder:
         other = copy.copy(self)
         other.max_len = max_len
         cfg = self.config
+        layers = len(self.out_features) // 4  # a subset() runs fewer than the model's
         other.cache = KVCache(
-            cfg.num_layers, cfg.num_kv_heads, max_len, cfg.head_dim, self.dtype, self.device
+            layers, cfg.num_kv_heads, max_len, cfg.head_dim, self.dtype, self.device
         )
         other._pending = 0
         return other
+
+    def subset(self, layers: Sequence[int], max_len: int | None = None) -> NativeDecoder:
+        """A decoder that runs only these of this one's layers (their weights shared, not
+        copied), then its final norm and LM head, with its own KV cache: a draft for
+        self-speculation. Needs the fused decoder (the layer stack runs every layer)."""
+        if self.kernels is None:
+            raise ValueError("running a subset of the layers needs the fused CPU decoder")
+        total = self.config.num_layers
+        if (
+            not layers
+            or list(layers) != sorted(set(layers))
+            or not 0 <= layers[0] <= layers[-1] < total
+        ):
+            raise ValueError(f"layers must be distinct ascending indices in 0..{total - 1}")
+        if len(self.out_features) != 4 * total:
+            raise ValueError("subset() takes the whole model's decoder, not a subset")
+        picked = [4 * layer + j for layer in layers for j in range(4)]
+        other = copy.copy(self)
+        other.packed = [self.packed[i] for i in picked]
+        other.biases = [self.biases[i] for i in picked]
+        other.scales = [self.scales[i] for i in picked]
+        other.out_features = [self.out_features[i] for i in picked]
+        other.layers = tuple(layers)
+        return other.fork(max_len)
 
     # -- Backend protocol -------------------------------------------------------------------
 
