@@ -24,8 +24,10 @@ def main() -> None:
     result = calibrate(llm.backend, llm.tokenizer, cost, Options())
     seconds = time.perf_counter() - start
     total = llm.model_config.num_layers
-    print(f"calibration: {seconds:.1f} s; chosen: {len(result.layers)} of {total} layers, ")
-    print(f"chain {result.chain}, expected {result.speedup:.2f}x plain decoding\n")
+    print(
+        f"calibration: {seconds:.1f} s; chosen: {len(result.layers)} of {total} layers, "
+        f"chain {result.chain}, expected {result.speedup:.2f}x plain decoding\n"
+    )
     print("| layers skipped | last one dropped | agreement | step cost | best expected speedup |")
     print("|---:|---:|---:|---:|---:|")
     for tried in result.tried:

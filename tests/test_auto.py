@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from onepass.cost import CostModel, LiveCost
-from onepass.draft import NODE_CLASSES, DecodeState, Draft, Verdict
+from onepass.draft import NODE_CLASSES, BatchShare, DecodeState, Draft, Verdict
 from onepass.drafters.auto import (
     MAX_SKIP,
     RUN_BOUNDS,
@@ -283,13 +283,16 @@ class CountingDrafter(Drafter):
         pass
 
 
-def proposals(auto, drafter, steps: int, accept: int = 0) -> list[int]:
+SHARED = BatchShare(rows=1, tokens=1.0)  # one other request in the forward
+
+
+def proposals(auto, drafter, steps: int, accept: int = 0, batch=SHARED) -> list[int]:
     """The steps at which `drafter` was asked to propose, each step's draft verified with its
-    first `accept` nodes accepted (a chain's)."""
+    first `accept` nodes accepted (a chain's), in a forward shared with another request."""
     out = []
     for step in range(steps):
         before = drafter.calls
-        draft = auto.propose(state())
+        draft = auto.propose(DecodeState([1] * 3, 2, 32, 10, batch=batch))
         if drafter.calls > before:
             out.append(step)
         path = list(range(min(accept, len(draft))))
@@ -305,6 +308,8 @@ def test_a_request_whose_drafting_does_not_pay_its_time_pauses_it():
     assert proposals(auto, counting, 20, accept=3) == [0, 2, 5, 10, 10 + MAX_SKIP + 1]
     auto.start([1, 2, 3])  # a new request starts without a pause
     assert proposals(auto, counting, 1) == [0]
+    auto.start([1, 2, 3])  # alone, a request does not pause (its wins are bursty)
+    assert proposals(auto, counting, 12, accept=3, batch=None) == list(range(12))
 
 
 def test_drafting_that_delivers_nothing_turns_to_probes_until_a_probe_would_have_paid():
@@ -328,7 +333,7 @@ def test_drafting_that_delivers_nothing_turns_to_probes_until_a_probe_would_have
     auto.start(tokens)
 
     def step(emitted: int) -> bool:
-        draft = auto.propose(DecodeState(list(tokens), 2, 32, 10))
+        draft = auto.propose(DecodeState(list(tokens), 2, 32, 10, batch=SHARED))
         auto.observe(draft, Verdict([], [emitted]), None)  # nothing accepted
         tokens.append(emitted)
         return len(draft) > 0

@@ -485,7 +485,11 @@ class AutoDrafter(Drafter):
 
     def propose(self, state: DecodeState) -> Draft:
         self.tokens = state.tokens
-        if self.pace.paused():
+        # Alone, a step's drafting is a few percent of its forward and the wins are bursty
+        # (a copy pays many steps' drafting at once): the request paces its drafting only
+        # where it shares the forward, and each drafter its own proposing everywhere.
+        batched = state.batch is not None
+        if batched and self.pace.paused():
             self.drafting, self.rows = None, 1
             return Draft.empty()
         started = time.perf_counter()
@@ -504,7 +508,7 @@ class AutoDrafter(Drafter):
                 merged.add(draft, c.estimates.stats(draft, run), method)
         best, self.plain_rate, self.added_time = self.best_draft(merged, state)
         self.drafting = time.perf_counter() - started
-        self.probe = not self.pace.active
+        self.probe = batched and not self.pace.active
         if self.probe:
             if len(best):
                 step = (len(state.tokens), best, self.plain_rate, self.added_time)
