@@ -5,19 +5,15 @@ distribution (with the power check), and the calibration measures, chooses and c
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from conftest import each_isa, tiny_pair
 from test_draft_model import (
     PROMPTS,
-    SUPPORT_K,
-    TEMPERATURE,
     WrongProbabilities,
-    exact_joint,
-    joint_counts,
+    check_accepts_everything,
+    check_target_distribution,
 )
-from test_verify_sampling import ALPHA, POWER_ALPHA, gof_pvalue
 
 from onepass import SamplingParams
 from onepass.cost import CostModel
@@ -123,31 +119,13 @@ def test_the_calibration_chooses_measured_layers_and_caches_them(tmp_path, monke
 def test_sampling_with_a_layer_subset_has_the_target_distribution(drafter_class):
     torch.set_num_threads(1)
     target, reference = tiny_pair(max_len=64, seed=0, **FUSED)
-    params = SamplingParams(temperature=TEMPERATURE, top_k=SUPPORT_K, max_tokens=3)
-    expected = exact_joint(reference, params)
-    counts = joint_counts(target, target.subset([0, 1, 3]), drafter_class, params)
-    assert set(counts) <= set(expected)
-    cells = sorted(expected)
-    p = gof_pvalue(
-        np.array([counts.get(c, 0) for c in cells]), np.array([expected[c] for c in cells])
-    )
-    if drafter_class is DraftModelDrafter:
-        assert p > ALPHA
-    else:
-        assert p < POWER_ALPHA
+    check_target_distribution(target, reference, target.subset([0, 1, 3]), drafter_class)
 
 
 @pytest.mark.real_model
 def test_every_layer_as_the_draft_accepts_every_drafted_token(llm):
     spec = {"method": "layer_skip", "layers": list(range(30)), "num_speculative_tokens": 4}
-    params = SamplingParams(temperature=0, max_tokens=40)
-    for messages in PROMPTS:
-        plain = llm.chat(messages, params)[0]
-        fast = llm.chat(messages, params, speculative_config=spec)[0]
-        assert fast.outputs[0].token_ids == plain.outputs[0].token_ids
-        stats = fast.metrics.spec
-        assert stats.num_draft_tokens > 0
-        assert stats.num_accepted_tokens >= stats.num_draft_tokens - 4  # all but what EOS cut
+    check_accepts_everything(llm, spec)
 
 
 @pytest.mark.real_model
