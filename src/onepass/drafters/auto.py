@@ -27,11 +27,12 @@ Drafting has a price of its own: the drafters' Python runs between forwards, and
 whole forward. What each proposal delivered (the time plain decoding would take for the draft
 tokens accepted, less the time the draft's rows added) is weighed against the time auto's
 step took, and each drafter's accepted nodes against the time it took to propose (Pace). Where
-drafting has stopped paying (a large batch, where a row barely pays) the request pauses it,
-for 1, 2, 4, up to MAX_SKIP steps while it keeps not paying; a drafter whose nodes are not
-worth its time (they duplicate cheaper ones', or are rarely right) pauses alone. So auto is
-never meaningfully slower than plain decoding and spends rows, and drafting time, where they
-pay.
+drafting has stopped paying in a shared forward (a large batch, where a row barely pays) the
+request pauses it, for 1, 2, 4, ... steps while it keeps not paying, and its occasional
+proposals meanwhile are probes: scored against the emitted tokens, their rows never sent. A
+request alone does not pause (there a copy's win is bursty and large against a few percent of
+drafting). A drafter whose nodes are not worth its time (they duplicate cheaper ones', or are
+rarely right) pauses alone. So auto spends rows, and drafting time, where they pay.
 
 When other requests share the forward (continuous batching, DecodeState.batch), a row costs
 what it adds to the whole forward and pays in the whole forward's tokens: the step scores the
