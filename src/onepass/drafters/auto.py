@@ -107,7 +107,7 @@ class Options:
     heads: bool = False
     """With methods None: medusa and eagle join the candidates where heads exist for the target
     (shipped, or trained into the cache). Off by default: the heads shipped for the default
-    model, trained on 3000 conversations, made auto 5-10% slower (docs/results/heads)."""
+    model, trained on 3000 conversations, made auto 3-10% slower (docs/results/heads)."""
     model: str | None = None
     """A draft model (draft_model's `model`: "default", a .gguf, an HF directory) whose chains
     join the candidates."""
@@ -452,7 +452,6 @@ class AutoDrafter(Drafter):
         # This request's own: the candidates' drafters and records, and the step in flight.
         self.candidates = {m: Candidate(d, learned.estimates[m]) for m, d in drafters.items()}
         self.tokens: Sequence[int] = []
-        self.rows = 1
         self.predicted = 0.0  # accepted draft tokens the step's nodes were expected to give
         self.context = 0  # committed tokens + the root when the step was proposed
         # Whether this request's drafting pays for its time: in a large batch, where drafts win
@@ -491,7 +490,7 @@ class AutoDrafter(Drafter):
         # where it shares the forward, and each drafter its own proposing everywhere.
         batched = state.batch is not None
         if batched and self.pace.paused():
-            self.drafting, self.rows = None, 1
+            self.drafting = None
             return Draft.empty()
         started = time.perf_counter()
         merged = MergedTree()
@@ -516,7 +515,6 @@ class AutoDrafter(Drafter):
                 self.probes.append(step)
             self.pace.probed()
             best = Draft.empty()
-        self.rows = 1 + len(best)
         return best
 
     def best_draft(self, merged: MergedTree, state: DecodeState) -> tuple[Draft, float, float]:
