@@ -23,6 +23,7 @@ from onepass import LLM, SamplingParams
 from onepass.bench.questions import load_questions
 from onepass.bench.runners import hf_model
 from onepass.cost import measure
+from onepass.models.loading import DEFAULT_WEIGHTS, WEIGHTS
 
 
 def time_onepass(llm: LLM, ids: list[int], max_tokens: int) -> float:
@@ -51,11 +52,12 @@ def time_hf(model: torch.nn.Module, ids: list[int], max_tokens: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
+    parser.add_argument("--weights", default=DEFAULT_WEIGHTS, choices=WEIGHTS)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    llm = LLM(args.model, max_model_len=4096)
+    llm = LLM(args.model, max_model_len=4096, weights=args.weights)
     hf = hf_model(args.model, llm.cache_dir, torch.float32, llm.device)
     prompts = {}
     for q in load_questions(None):  # one prompt per category of the built-in set

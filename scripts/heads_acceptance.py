@@ -19,6 +19,7 @@ import time
 from importlib import resources
 
 from onepass import LLM, SamplingParams
+from onepass.models.loading import DEFAULT_WEIGHTS, WEIGHTS
 
 SPENT = {"drafting": 0.0}
 MODEL_FREE = ["ngram", "suffix", "recycling"]
@@ -47,6 +48,7 @@ def timed(cls: type) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="default")
+    parser.add_argument("--weights", default=DEFAULT_WEIGHTS, choices=WEIGHTS)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--methods", default="medusa,eagle")
@@ -58,7 +60,7 @@ def main() -> None:
     timed(EagleDrafter)
     text = resources.files("onepass").joinpath("data/prompts.jsonl").read_text()
     prompts = [json.loads(line)["turns"][0] for line in text.splitlines()[: args.prompts]]
-    llm = LLM(args.model)
+    llm = LLM(args.model, weights=args.weights)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     methods = [None, *args.methods.split(",")]
     llm.chat([{"role": "user", "content": "Hello"}], params)  # warm-up

@@ -13,6 +13,7 @@ import sys
 from typing import Any, NoReturn
 
 from onepass.errors import OnepassError
+from onepass.models.loading import DEFAULT_WEIGHTS, WEIGHTS
 
 EXIT_USAGE = 2
 DEFAULT_METHOD = "auto"  # users run onepass to be faster; auto never drafts what does not pay
@@ -46,11 +47,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument(
         "--weights",
-        default="float32",
-        choices=["float32", "stored"],
-        help="a GGUF's weights dequantized to float32 at load, or kept as stored (GGUF Q4_0, "
-        "Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16; bf16 / fp16 safetensors) and "
-        "widened in the CPU kernels: the same output, less memory, faster steps "
+        default=DEFAULT_WEIGHTS,
+        choices=WEIGHTS,
+        help="kept as stored (GGUF Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16; "
+        "bf16 / fp16 safetensors) and widened in the CPU kernels, or dequantized to float32 at "
+        "load (the reference): the same output; stored takes less memory and faster steps "
         "(default: %(default)s)",
     )
     g.add_argument(

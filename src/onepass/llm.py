@@ -27,7 +27,7 @@ from onepass.engine import NoDrafter
 from onepass.errors import BusyError, InputError
 from onepass.models.base import Rows
 from onepass.models.llama import NativeDecoder
-from onepass.models.loading import default_cache_dir, load_model
+from onepass.models.loading import DEFAULT_WEIGHTS, default_cache_dir, load_model
 from onepass.outputs import RequestOutput
 from onepass.request import Request
 from onepass.sampling import RequestRandomness, SamplingParams
@@ -64,16 +64,16 @@ class LLM:
         device: str | None = None,
         max_model_len: int | None = None,
         cache_dir: str | Path | None = None,
-        weights: str = "float32",
+        weights: str = DEFAULT_WEIGHTS,
     ) -> None:
         """model: "default" (SmolLM2-135M-Instruct, embedded), a .gguf file or a local Hugging
         Face model directory. speculative_config: vLLM-style dict or JSON; None = plain
         decoding. max_model_len: context window (prompt + output) to allocate the KV cache for.
-        weights: "float32" (a GGUF dequantized at load, the reference) or "stored" (a GGUF's
-        quantized blocks — Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K — and half-precision
-        tensors, or a Hugging Face directory's bf16 / fp16 matrices, kept in memory as stored
-        and widened by the CPU kernels: the same logits bit for bit, less memory, faster steps;
-        opt-in while it is new)."""
+        weights: "stored" (a GGUF's quantized blocks — Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+        Q5_K, Q6_K — and half-precision tensors, or a Hugging Face directory's bf16 / fp16
+        matrices, kept in memory as stored and widened by the CPU kernels: the same logits bit
+        for bit as "float32", less memory, faster steps; other formats and devices without the
+        CPU kernels are dequantized) or "float32" (dequantized at load: the reference)."""
         if dtype not in _DTYPES:
             raise InputError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
         self.speculative_config = SpeculativeConfig.parse(speculative_config)

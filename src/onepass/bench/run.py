@@ -38,6 +38,7 @@ from onepass.bench.runners import (
     resolve_methods,
 )
 from onepass.errors import OnepassError
+from onepass.models.loading import DEFAULT_WEIGHTS
 from onepass.outputs import SpecDecodeStats
 
 WARMUP_TOKENS = 8
@@ -392,7 +393,7 @@ def run_benchmark(
     dtype: str = "float32",
     device: str | None = None,
     max_model_len: int | None = None,
-    weights: str = "float32",
+    weights: str = DEFAULT_WEIGHTS,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark; return the JSON-ready results (env, model, settings, records,
