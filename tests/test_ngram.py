@@ -36,6 +36,27 @@ def test_which_match_wins(case):
     assert (found_n, found.tolist()) == (n, continuation)
 
 
+def reference_match(tokens, min_n, max_n, k):
+    """The docstring's rule, by brute force: longest n first, then the latest start."""
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        suffix = tokens[len(tokens) - n :]
+        starts = [i for i in range(len(tokens) - n) if tokens[i : i + n] == suffix]
+        if starts:
+            return n, tokens[starts[-1] + n : starts[-1] + n + k]
+    return 0, []
+
+
+def test_which_match_wins_on_random_sequences():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        tokens = rng.integers(0, int(rng.integers(2, 6)), int(rng.integers(0, 40))).tolist()
+        min_n = int(rng.integers(1, 4))
+        max_n = int(rng.integers(min_n, 6))
+        k = int(rng.integers(1, 6))
+        found_n, found = find_match(np.array(tokens, dtype=np.int64), min_n, max_n, k)
+        assert (found_n, found.tolist()) == reference_match(tokens, min_n, max_n, k), tokens
+
+
 def state(tokens, max_draft_tokens=32, max_depth=32) -> DecodeState:
     return DecodeState(list(tokens), 1, max_draft_tokens=max_draft_tokens, max_depth=max_depth)
 

@@ -37,17 +37,25 @@ class Options:
 def find_match(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> tuple[int, np.ndarray]:
     """(n, continuation) of the winning match (see module docstring); (0, empty) if none."""
     length = len(tokens)
-    for n in range(min(max_n, length - 1), min_n - 1, -1):
-        pattern = tokens[length - n :]
-        # Candidate starts i with i + n <= length - 1, so at least one token follows.
-        hits = tokens[: length - n] == pattern[0]
-        for j in range(1, n):
-            hits &= tokens[j : length - n + j] == pattern[j]
-        starts = np.flatnonzero(hits)
-        if starts.size:
-            begin = int(starts[-1]) + n
-            return n, tokens[begin : begin + k]
-    return 0, tokens[:0]
+    if length < 2:
+        return 0, tokens[:0]
+    # Where an earlier occurrence of the last n tokens ends: the occurrences of the last token
+    # (one comparison over the sequence), narrowed token by token to those of longer suffixes.
+    # A longer suffix's occurrences are a subset of a shorter one's, so narrowing stops at the
+    # first n without any.
+    ends = np.flatnonzero(tokens[: length - 1] == tokens[-1])
+    best_n, best_ends = 0, ends
+    for n in range(1, min(max_n, length - 1) + 1):
+        if n > 1:
+            ends = ends[ends >= n - 1]
+            ends = ends[tokens[ends - (n - 1)] == tokens[length - n]]
+        if not ends.size:
+            break
+        best_n, best_ends = n, ends
+    if best_n < min_n:
+        return 0, tokens[:0]
+    begin = int(best_ends[-1]) + 1  # the latest occurrence; what followed it
+    return best_n, tokens[begin : begin + k]
 
 
 class TokenBuffer:

@@ -220,6 +220,8 @@ class RecyclingDrafter(Drafter):
         parents: list[int] = []
         classes: list[int] = []
         node_of: list[int] = []  # template node -> draft node, -1 = pruned
+        # Siblings read the same candidates: looked up once per parent (-1: the root).
+        looked: dict[int, tuple[list[int] | None, bool]] = {}
         for parent, rank, depth in zip(t.parents, t.ranks, t.depths, strict=True):
             # Breadth-first order: a node's parent has been placed (or pruned) already.
             parent_node = -1 if parent < 0 else node_of[parent]
@@ -229,18 +231,23 @@ class RecyclingDrafter(Drafter):
             if depth > state.max_depth:
                 node_of.append(-1)
                 continue
-            if parent_node < 0:
-                parent_token, before = root, self.before_root
-            else:
-                grandparent = parents[parent_node]
-                parent_token = tokens[parent_node]
-                before = root if grandparent < 0 else tokens[grandparent]
-            row, paired = self.memory.candidates(before, parent_token)
+            found = looked.get(parent_node)
+            if found is None:
+                if parent_node < 0:
+                    parent_token, before = root, self.before_root
+                else:
+                    grandparent = parents[parent_node]
+                    parent_token = tokens[parent_node]
+                    before = root if grandparent < 0 else tokens[grandparent]
+                row_array, paired = self.memory.candidates(before, parent_token)
+                row = None if row_array is None else row_array.tolist()
+                found = looked[parent_node] = (row, paired)
+            row, paired = found
             if row is None:
                 node_of.append(-1)
                 continue
             node_of.append(len(tokens))
-            tokens.append(int(row[rank]))
+            tokens.append(row[rank])
             parents.append(parent_node)
             classes.append(min(rank, RANK_CLASSES - 1) + RANK_CLASSES * paired)
             if len(tokens) == limit:
