@@ -47,8 +47,9 @@ def check_accepts_everything(llm, spec: dict) -> None:
 
 
 @pytest.mark.real_model
-def test_a_weak_draft_model_changes_nothing_under_greedy(llm, tiny_llm):
-    spec = {"method": "draft_model", "model": str(tiny_llm.cache_dir.parent)}
+@pytest.mark.parametrize("width", [1, 3])
+def test_a_weak_draft_model_changes_nothing_under_greedy(llm, tiny_llm, width):
+    spec = {"method": "draft_model", "model": str(tiny_llm.cache_dir.parent), "width": width}
     params = SamplingParams(temperature=0, max_tokens=32)
     for messages in PROMPTS:
         plain = llm.chat(messages, params)[0].outputs[0].token_ids
@@ -73,9 +74,42 @@ def test_a_draft_with_another_vocabulary_is_refused(llm, tiny_llm, tmp_path):
     check_vocabularies(llm.tokenizer, llm.tokenizer, "same")  # no error
 
 
-def test_min_confidence_is_validated():
+def test_min_confidence_and_width_are_validated():
     with pytest.raises(ValueError, match="min_confidence"):
         Options(min_confidence=1.5)
+    with pytest.raises(ValueError, match="width"):
+        Options(width=0)
+
+
+class SecondChoice(DraftModelDrafter):
+    """Greedy, the chain takes the draft's second-best token: the best is among the siblings."""
+
+    def _choose(self, logits, state):
+        second = int(torch.topk(logits, 2).indices[1])
+        return second, None, 1.0
+
+
+@pytest.mark.real_model
+def test_siblings_are_verified_where_the_chain_token_is_rejected(llm):
+    """The target as a draft whose chain token is always its second choice: the chain's first
+    token is always rejected and the sibling holding the target's own token accepted, so every
+    step emits two tokens, and the output is plain decoding's."""
+    from onepass.engine import NoDrafter
+
+    params = SamplingParams(temperature=0, max_tokens=24)
+    prompt = llm.chat_token_ids(PROMPTS[0])
+    drafter = SecondChoice(Options(width=2), llm.backend.fork(), max_tokens=3)
+    drafter.start(prompt)
+    outputs = []
+    for chosen in (drafter, NoDrafter()):
+        processor = LogitsProcessor(params, prompt, len(llm.tokenizer), [], llm.device)
+        steps = list(decode(llm.backend, prompt, params, processor, chosen, RequestRandomness(0)))
+        outputs.append([t for s in steps for t in s.tokens][:24])
+        if chosen is drafter:
+            drafted = [s for s in steps if s.num_accepted]
+            assert len(drafted) >= len(steps) - 2  # all but the prompt step and the last
+            assert all(s.num_accepted == 1 for s in drafted)
+    assert outputs[0] == outputs[1]
 
 
 # -- sampling: the engine with a draft model emits exactly the target's distribution ------------
@@ -95,8 +129,8 @@ class WrongProbabilities(DraftModelDrafter):
         return token, torch.full_like(dist, 1 / dist.numel()), confidence
 
 
-def joint_counts(target, draft_decoder, drafter_class, params) -> np.ndarray:
-    drafter = drafter_class(Options(), draft_decoder, max_tokens=2)
+def joint_counts(target, draft_decoder, drafter_class, params, width=1) -> np.ndarray:
+    drafter = drafter_class(Options(width=width), draft_decoder, max_tokens=2)
     counts: dict[tuple[int, ...], int] = {}
     for seed in range(SAMPLES):
         processor = LogitsProcessor(params, PROMPT, 97, [], torch.device("cpu"))
@@ -125,8 +159,9 @@ def exact_joint(reference, params) -> dict[tuple[int, ...], float]:
     return joint
 
 
+@pytest.mark.parametrize("width", [1, 2])
 @pytest.mark.parametrize("drafter_class", [DraftModelDrafter, WrongProbabilities])
-def test_sampling_with_a_draft_model_has_the_target_distribution(drafter_class):
+def test_sampling_with_a_draft_model_has_the_target_distribution(drafter_class, width):
     torch.set_num_threads(1)
     target, reference = tiny_pair(max_len=64, seed=0)
     # The draft: the target's weights, perturbed: it agrees often, not always.
@@ -136,15 +171,15 @@ def test_sampling_with_a_draft_model_has_the_target_distribution(drafter_class):
         for k, v in reference.state_dict().items()
     }
     draft_decoder = NativeDecoder(tiny_config(), weights, max_len=64)
-    check_target_distribution(target, reference, draft_decoder, drafter_class)
+    check_target_distribution(target, reference, draft_decoder, drafter_class, width)
 
 
-def check_target_distribution(target, reference, draft_decoder, drafter_class) -> None:
+def check_target_distribution(target, reference, draft_decoder, drafter_class, width=1) -> None:
     """Sampling with this draft emits the target's joint distribution of three tokens; with
     WrongProbabilities the test detects the bias (the power check)."""
     params = SamplingParams(temperature=TEMPERATURE, top_k=SUPPORT_K, max_tokens=3)
     expected = exact_joint(reference, params)
-    counts = joint_counts(target, draft_decoder, drafter_class, params)
+    counts = joint_counts(target, draft_decoder, drafter_class, params, width)
     assert set(counts) <= set(expected)
     cells = sorted(expected)
     p = gof_pvalue(

@@ -11,6 +11,12 @@ distribution. Drafting stops early where the draft is unsure (its chosen token's
 below `min_confidence`, as llama.cpp's --draft-p-min), since the target would likely reject
 what follows.
 
+With `width` > 1 the draft is a tree: each token of the chain comes with width - 1 siblings
+from the same distribution (greedy: the draft's next best tokens; sampling: further independent
+draws), leaves that the verifier tries where the chain's token is rejected (the recursive
+multi-draft rule, verify/multi_draft.py). They cost rows of the target's forward, no draft
+forward.
+
 The draft cache always holds a prefix of the request's tokens: after the verdict it is cut
 back to the accepted tokens it has already seen, and the next proposal first feeds it the
 tokens it has not (the bonus token, and the last draft token if the whole chain was accepted).
@@ -31,6 +37,7 @@ from onepass.drafters.base import Drafter
 from onepass.errors import ModelLoadError
 from onepass.models.base import ModelOutput
 from onepass.sampling import warp
+from onepass.tree import Tree
 
 if TYPE_CHECKING:
     from onepass.models.llama import NativeDecoder
@@ -46,10 +53,14 @@ class Options:
     """The draft model: "default", a .gguf file or a Hugging Face directory."""
     min_confidence: float = 0.0
     """Stop the chain after a token the draft gave less than this probability (0: never)."""
+    width: int = 1
+    """Candidates per level: the chain's token and width - 1 siblings (1: a chain)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_confidence < 1:
             raise ValueError(f"min_confidence must be in [0, 1), got {self.min_confidence}")
+        if not isinstance(self.width, int) or not 1 <= self.width <= 16:
+            raise ValueError(f"width must be an integer in 1..16, got {self.width!r}")
 
 
 def check_vocabularies(target: Any, draft: Any, draft_name: str) -> None:
@@ -102,25 +113,51 @@ class DraftModelDrafter(Drafter):
         self.fed_drafts = []
 
     def propose(self, state: DecodeState) -> Draft:
-        limit = min(self.max_tokens, state.max_draft_tokens, state.max_depth)
-        if limit <= 0:
+        rows = state.max_draft_tokens
+        depth = min(self.max_tokens, rows, state.max_depth)
+        if depth <= 0:
             return Draft.empty()
         decoder = self.decoder
         pending = state.tokens[self.written :]  # the tokens the draft cache has not seen
+        chain: list[int] = []
         tokens: list[int] = []
+        parents: list[int] = []
         probs: list[torch.Tensor] = []
-        while len(tokens) < limit:
+        chain_node = -1  # the node of the chain's latest token (-1: the root)
+        while len(chain) < depth and len(tokens) < rows:
             logits = self._forward(decoder, pending)  # [vocab] after the last of them
             token, dist, confidence = self._choose(logits, state)
-            tokens.append(token)
+            # The chain's token first: the verifier tries a node's children in order, and only
+            # the chain's token has children.
+            level = [token, *self._siblings(logits, dist, token, state)]
+            level = level[: rows - len(tokens)]
+            parents += [chain_node] * len(level)
+            chain_node = len(tokens)
+            tokens += level
             if dist is not None:
-                probs.append(dist)
+                probs += [dist] * len(level)
+            chain.append(token)
             if confidence < self.options.min_confidence:
                 break
             pending = [token]
-        self.fed_drafts = tokens[:-1]
+        self.fed_drafts = chain[:-1]
         draft_probs = torch.stack(probs) if probs else None
-        return Draft.chain(tokens, draft_probs)
+        return Draft(tokens, Tree(tuple(parents)), draft_probs)
+
+    def _siblings(
+        self, logits: torch.Tensor, dist: torch.Tensor | None, token: int, state: DecodeState
+    ) -> list[int]:
+        """width - 1 alternatives to the chain's token: the draft's next best tokens (greedy),
+        or further draws from its distribution, independent of the first (sampling: the
+        multi-draft rule is exact for independently drawn siblings, repeats included)."""
+        extra = self.options.width - 1
+        if extra <= 0:
+            return []
+        if dist is None:
+            best = torch.topk(logits, extra + 1).indices.tolist()
+            return [t for t in best if t != token][:extra]
+        generator = state.rng.generator if state.rng is not None else None
+        return torch.multinomial(dist, extra, replacement=True, generator=generator).tolist()
 
     def observe(self, draft: Draft, verdict: Verdict, out: ModelOutput) -> None:
         # The draft cache holds the request's tokens up to the root, then the draft tokens this
