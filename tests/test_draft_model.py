@@ -98,7 +98,7 @@ def test_siblings_are_verified_where_the_chain_token_is_rejected(llm):
 
     params = SamplingParams(temperature=0, max_tokens=24)
     prompt = llm.chat_token_ids(PROMPTS[0])
-    drafter = SecondChoice(Options(width=2), llm.backend.fork(), max_tokens=3)
+    drafter = SecondChoice(llm.backend.fork(), max_tokens=3, width=2)
     drafter.start(prompt)
     outputs = []
     for chosen in (drafter, NoDrafter()):
@@ -130,7 +130,7 @@ class WrongProbabilities(DraftModelDrafter):
 
 
 def joint_counts(target, draft_decoder, drafter_class, params, width=1) -> np.ndarray:
-    drafter = drafter_class(Options(width=width), draft_decoder, max_tokens=2)
+    drafter = drafter_class(draft_decoder, max_tokens=2, width=width)
     counts: dict[tuple[int, ...], int] = {}
     for seed in range(SAMPLES):
         processor = LogitsProcessor(params, PROMPT, 97, [], torch.device("cpu"))

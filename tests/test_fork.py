@@ -18,7 +18,6 @@ from onepass.drafters import DraftContext, build_drafter, options_class
 from onepass.drafters.auto import AutoDrafter, sub_drafter_config
 from onepass.drafters.base import Drafter
 from onepass.drafters.draft_model import DraftModelDrafter
-from onepass.drafters.draft_model import Options as DraftModelOptions
 from onepass.engine import NoDrafter, decode
 from onepass.models.base import ModelOutput
 from onepass.models.llama import NativeDecoder
@@ -87,7 +86,7 @@ def auto(backend: NativeDecoder) -> AutoDrafter:
 
 def draft_model(backend: NativeDecoder) -> DraftModelDrafter:
     draft = tiny_pair(max_len=96, head_dim=64, seed=1)[0]  # another model: drafts get rejected
-    return DraftModelDrafter(DraftModelOptions(), draft, max_tokens=4)
+    return DraftModelDrafter(draft, max_tokens=4)
 
 
 # name -> (a fresh root drafter for a target, whether it learns from requests still running:

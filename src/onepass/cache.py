@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from onepass.errors import OnepassError
 
@@ -135,6 +135,30 @@ def write_atomically(path: Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
     fsync_path(path.parent)
+
+
+def read_entries(path: Path) -> tuple[dict[str, Any], str | None]:
+    """A JSON object file of entries by key (measurements cached per model and machine): its
+    entries, and what is wrong with it if it is damaged (then {}, and rewritten whole by the
+    next store_entry). A missing file has no entries and nothing wrong."""
+    try:
+        entries = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}, None
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        return {}, f"{type(e).__name__}: {e}"
+    if not isinstance(entries, dict):
+        return {}, "not a JSON object"
+    return entries, None
+
+
+def store_entry(path: Path, key: str, value: Any) -> None:
+    """Add or replace one entry of a read_entries file, under its lock: the file is read again
+    under it, so an entry another process added meanwhile is kept."""
+    with locked(lock_path(path)):
+        entries, _ = read_entries(path)
+        entries[key] = value
+        write_atomically(path, json.dumps(entries, indent=1))
 
 
 # -- `onepass cache` --------------------------------------------------------------------------

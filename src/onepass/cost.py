@@ -9,7 +9,6 @@ concurrent processes update under a lock.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import time
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from onepass.cache import CURVES_FILE, lock_path, locked, write_atomically
+from onepass.cache import CURVES_FILE, read_entries, store_entry
 from onepass.models.base import Backend
 
 SIZES = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 17, 20, 24, 32, 48, 64)
@@ -239,36 +238,17 @@ def cached_cost_model(backend: Backend, key: str, cache_dir: Path) -> CostModel:
     # A small KV cache clamps the long context: such a curve must not serve a larger cache.
     ident += "|contexts {} {}".format(*measured_contexts(backend))
     path = cache_dir / CURVES_FILE
-    curves = _read_curves(path, warn=True)
+    curves, problem = read_entries(path)
+    if problem:
+        _warn(f"ignoring the damaged cost-curve file {path} ({problem}); measuring again")
     if ident in curves:
         try:
             return CostModel.from_dict(curves[ident])
         except ValueError as e:
             _warn(f"ignoring this model's damaged cost curve in {path} ({e}); measuring it again")
     model = measure(backend, progress=True)
-    with locked(lock_path(path)):
-        # Read again under the lock: another process may have added its entry meanwhile.
-        curves = _read_curves(path, warn=False)
-        curves[ident] = model.as_dict()
-        write_atomically(path, json.dumps(curves, indent=1))
+    store_entry(path, ident, model.as_dict())
     return model
-
-
-def _read_curves(path: Path, warn: bool) -> dict[str, Any]:
-    """The file's curves by ident; {} if it is missing or damaged (then rewritten whole)."""
-    try:
-        curves = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        problem = f"{type(e).__name__}: {e}"
-    else:
-        if isinstance(curves, dict):
-            return curves
-        problem = "not a JSON object"
-    if warn:
-        _warn(f"ignoring the damaged cost-curve file {path} ({problem}); measuring again")
-    return {}
 
 
 def _warn(message: str) -> None:

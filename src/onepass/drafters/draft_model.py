@@ -88,8 +88,18 @@ def check_vocabularies(target: Any, draft: Any, draft_name: str) -> None:
 
 
 class DraftModelDrafter(Drafter):
-    def __init__(self, options: Options, decoder: NativeDecoder, max_tokens: int) -> None:
-        self.options = options
+    def __init__(
+        self,
+        decoder: NativeDecoder,
+        max_tokens: int,
+        *,
+        min_confidence: float = 0.0,
+        width: int = 1,
+    ) -> None:
+        """decoder: the draft model (its own KV cache); max_tokens: the chain's longest;
+        min_confidence and width: as in Options."""
+        self.min_confidence = min_confidence
+        self.width = width
         # The draft model: its weights are shared with every fork's decoder, its KV cache is
         # this request's own.
         self.decoder = decoder
@@ -100,7 +110,12 @@ class DraftModelDrafter(Drafter):
     def fork(self) -> DraftModelDrafter:
         # A full-length cache: the request's length is not known yet, and the cache's rows are
         # allocated untouched (torch.empty), so the rows it never writes cost no memory.
-        return DraftModelDrafter(self.options, self.decoder.fork(), self.max_tokens)
+        return DraftModelDrafter(
+            self.decoder.fork(),
+            self.max_tokens,
+            min_confidence=self.min_confidence,
+            width=self.width,
+        )
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         # All but the last prompt token: the first proposal feeds it with the first output.
@@ -137,7 +152,7 @@ class DraftModelDrafter(Drafter):
             if dist is not None:
                 probs += [dist] * len(level)
             chain.append(token)
-            if confidence < self.options.min_confidence:
+            if confidence < self.min_confidence:
                 break
             pending = [token]
         self.fed_drafts = chain[:-1]
@@ -150,7 +165,7 @@ class DraftModelDrafter(Drafter):
         """width - 1 alternatives to the chain's token: the draft's next best tokens (greedy),
         or further draws from its distribution, independent of the first (sampling: the
         multi-draft rule is exact for independently drawn siblings, repeats included)."""
-        extra = self.options.width - 1
+        extra = self.width - 1
         if extra <= 0:
             return []
         if dist is None:
@@ -220,4 +235,9 @@ def build(options: Options, context) -> DraftModelDrafter:
         dtype=target.dtype,
         device=target.device,
     )
-    return DraftModelDrafter(options, decoder, context.num_speculative_tokens or 4)
+    return DraftModelDrafter(
+        decoder,
+        context.num_speculative_tokens or 4,
+        min_confidence=options.min_confidence,
+        width=options.width,
+    )

@@ -33,8 +33,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from onepass.cache import lock_path, locked, write_atomically
-from onepass.drafters import draft_model
+from onepass.cache import read_entries, store_entry
 from onepass.drafters.draft_model import DraftModelDrafter
 from onepass.errors import InputError
 from onepass.models.base import Rows
@@ -199,23 +198,16 @@ def cached_calibration(context: Any, options: Options) -> Calibration:
         raise InputError("layer_skip's calibration needs the backend's cost curve (or pass layers)")
     key = calibration_key(backend, context.model_key, options)
     path = Path(context.cache_dir) / CALIBRATION_FILE if context.cache_dir else None
-    if path is not None and path.exists():
+    if path is not None:
+        entry = read_entries(path)[0].get(key)
         try:
-            entry = json.loads(path.read_text()).get(key)
             if entry is not None:
                 return Calibration(**entry)
-        except (OSError, ValueError, TypeError):
+        except TypeError:
             pass  # damaged: calibrate again and rewrite
     result = calibrate(backend, context.tokenizer, cost, options)
     if path is not None:
-        with locked(lock_path(path)):
-            try:
-                entries = json.loads(path.read_text())
-            except (OSError, ValueError):
-                entries = {}
-            entries = entries if isinstance(entries, dict) else {}
-            entries[key] = asdict(result)
-            write_atomically(path, json.dumps(entries, indent=1))
+        store_entry(path, key, asdict(result))
     return result
 
 
@@ -240,8 +232,8 @@ def build(options: Options, context: Any) -> DraftModelDrafter:
                 RuntimeWarning,
                 stacklevel=2,
             )
-    decoder = backend.subset(layers)
-    chain_options = draft_model.Options(
-        model="(the target's own layers)", min_confidence=options.min_confidence
+    return DraftModelDrafter(
+        backend.subset(layers),
+        context.num_speculative_tokens or chain,
+        min_confidence=options.min_confidence,
     )
-    return DraftModelDrafter(chain_options, decoder, context.num_speculative_tokens or chain)
