@@ -506,3 +506,25 @@ def test_a_failing_model_is_a_500_without_details(tiny_llm):
         assert "boom" not in message
         assert s.http.post(CHAT, json=OK).status_code == 200  # the next request is served
         assert s.metric("onepass:requests_total", status="error") == 1
+
+
+def test_the_model_is_built_in_a_thread_that_has_ended():
+    """build_off_thread: the result (or the error) of a build run in a thread of its own,
+    which is over once it returns (its OpenMP team gone with it)."""
+    from onepass.server.scheduler import build_off_thread
+
+    builders: list[threading.Thread] = []
+
+    def build() -> int:
+        builders.append(threading.current_thread())
+        return 42
+
+    assert build_off_thread(build) == 42
+    assert builders[0] is not threading.current_thread()
+    assert not builders[0].is_alive()
+
+    def fail() -> int:
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        build_off_thread(fail)

@@ -105,7 +105,7 @@ def add_serve_parser(
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from onepass.cli import UsageError, load_llm
+    from onepass.cli import UsageError
 
     options = server_options(args)  # validate before loading
     spec = options.speculative_config
@@ -123,19 +123,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(args.threads)
     from onepass.server.app import create_app, uvicorn_server
+    from onepass.server.scheduler import build_off_thread
 
     sock = listen(args.host, args.port)  # before loading: a busy port fails at once
     print(f"onepass serve: loading {args.model} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    llm = load_llm(args)
-    print(
-        f"onepass serve: {llm.model_name} loaded in {time.perf_counter() - start:.1f} s "
-        f"(context window {llm.max_model_len}); measuring the cost curve `auto` uses "
-        "(once per machine) ...",
-        file=sys.stderr,
-        flush=True,
-    )
-    llm.cost_model()
+    llm = build_off_thread(lambda: load_and_measure(args, start))
     log_to_stderr()
     server = uvicorn_server(create_app(llm, options), args.host, args.port, args.log_level)
     host, port = sock.getsockname()[:2]
@@ -153,6 +146,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
     server.run(sockets=[sock])
+
+
+def load_and_measure(args: argparse.Namespace, start: float) -> Any:
+    """The LLM, with the cost curve `auto` uses measured (once per machine) before serving."""
+    from onepass.cli import load_llm
+
+    llm = load_llm(args)
+    print(
+        f"onepass serve: {llm.model_name} loaded in {time.perf_counter() - start:.1f} s "
+        f"(context window {llm.max_model_len}); measuring the cost curve `auto` uses "
+        "(once per machine) ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    llm.cost_model()
+    return llm
 
 
 def server_options(args: argparse.Namespace) -> Any:

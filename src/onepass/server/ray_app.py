@@ -66,6 +66,11 @@ class ReplicaHeader:
         await self.app(scope, receive, named)
 
 
+def measured(llm: Any) -> Any:
+    llm.cost_model()
+    return llm
+
+
 @serve.deployment(name="OnepassReplica")
 @serve.ingress()  # the app is built per replica, over its own LLM (__serve_build_asgi_app__)
 class OnepassReplica:
@@ -73,13 +78,15 @@ class OnepassReplica:
         import torch
 
         from onepass.cli import load_llm
+        from onepass.server.scheduler import build_off_thread
 
         # before loading: the kernels and the cost curve `auto` uses are per thread count
         torch.set_num_threads(args.threads)
         self.options = server_options(args)
         self.name = serve.get_replica_context().replica_id.unique_id
-        self.llm = load_llm(args)
-        self.llm.cost_model()  # measured (once per machine and thread count) before serving
+        # Measured (once per machine and thread count) before serving; off this thread, which
+        # must not keep an OpenMP team beside the scheduler's (build_off_thread).
+        self.llm = build_off_thread(lambda: measured(load_llm(args)))
         log_to_stderr()  # to the replica's log (and the driver's console)
 
     def __serve_build_asgi_app__(self) -> Any:

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from onepass.config import SpeculativeConfig
 from onepass.errors import InputError
@@ -32,9 +32,36 @@ from onepass.server.sources import SourceTracker
 
 log = logging.getLogger("onepass.server")
 
+T = TypeVar("T")
+
 STOP_TIMEOUT_SECONDS = 30.0
 """How long stop() waits for the scheduler thread (a step takes milliseconds; a long
 prefill, under a second)."""
+
+
+def build_off_thread(build: Callable[[], T]) -> T:
+    """build() run in a thread that ends before this returns (its error raised here). Load
+    the model and measure its cost curve this way before serving, so that the scheduler thread
+    is the only live thread that has run parallel torch work: with libgomp (PyTorch's OpenMP on
+    Linux) every such thread keeps a team of worker threads, and once the teams' threads
+    outnumber the cores libgomp stops spinning between parallel regions. A forward has hundreds
+    of them: the scheduler's forwards took 2.5-3x as long as the same forwards run in the
+    thread that had loaded the model (2 cores, 1-row forwards of the default model)."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(build())
+        except BaseException as e:  # re-raised in the caller's thread
+            error.append(e)
+
+    thread = threading.Thread(target=run, name="onepass-load")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
 
 
 @dataclass
