@@ -94,7 +94,7 @@ def test_children_invert_parents(parents: tuple[int, ...]) -> None:
     assert len(kids) == len(parents) + 1
     for row, nodes in enumerate(kids):
         # row 0 is the root (parent -1), row i + 1 is node i; children listed in node order
-        assert nodes == [i for i, p in enumerate(parents) if p == row - 1]
+        assert list(nodes) == [i for i, p in enumerate(parents) if p == row - 1]
 
 
 @relaxed

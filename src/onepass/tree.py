@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -49,13 +50,14 @@ class Tree:
     def __len__(self) -> int:
         return len(self.parents)
 
-    @property
-    def depths(self) -> list[int]:
+    # A tree is immutable; drafting and verification ask for these several times a step.
+    @cached_property
+    def depths(self) -> tuple[int, ...]:
         """Depth of each node: children of the root have depth 1."""
         depths: list[int] = []
         for p in self.parents:
             depths.append(1 if p < 0 else depths[p] + 1)
-        return depths
+        return tuple(depths)
 
     def ancestors(self, node: int) -> list[int]:
         """Nodes from the root's child down to `node`, inclusive."""
@@ -65,12 +67,16 @@ class Tree:
             node = self.parents[node]
         return path[::-1]
 
-    def children(self) -> list[list[int]]:
+    def children(self) -> tuple[tuple[int, ...], ...]:
         """children()[0] = the root's children; children()[i + 1] = node i's children."""
+        return self._children
+
+    @cached_property
+    def _children(self) -> tuple[tuple[int, ...], ...]:
         kids: list[list[int]] = [[] for _ in range(len(self) + 1)]
         for i, p in enumerate(self.parents):
             kids[p + 1].append(i)
-        return kids
+        return tuple(tuple(k) for k in kids)
 
     def leaves(self) -> list[int]:
         has_child = set(self.parents)

@@ -105,7 +105,7 @@ class Template:
         tree, ordered = Tree.from_paths(paths)
         self.parents: list[int] = list(tree.parents)
         self.ranks: list[int] = [p[-1] for p in ordered]
-        self.depths: list[int] = tree.depths
+        self.depths: tuple[int, ...] = tree.depths
 
     def __len__(self) -> int:
         return len(self.parents)
