@@ -306,10 +306,32 @@ def test_a_request_whose_drafting_does_not_pay_its_time_pauses_it():
     auto.start([1, 2, 3])
     auto.learned.draft_time = 100.0  # far more than any draft can save
     assert proposals(auto, counting, 20, accept=3) == [0, 2, 5, 10, 10 + MAX_SKIP + 1]
-    auto.start([1, 2, 3])  # a new request starts without a pause
+    auto.start([1, 2, 3])  # a new request starts without a pause of its own ...
+    auto.learned.batch_pace = Pace()  # ... (what the batch learned is shared: see below)
     assert proposals(auto, counting, 1) == [0]
     auto.start([1, 2, 3])  # alone, a request does not pause (its wins are bursty)
     assert proposals(auto, counting, 12, accept=3, batch=None) == list(range(12))
+
+
+def test_what_the_batch_learned_pauses_a_new_request_in_a_shared_forward():
+    """Drafting that did not pay in shared forwards keeps the next request's drafts there out
+    of the forward at once (Learned.batch_pace), though its own record is clean; not alone."""
+    counting = CountingDrafter()
+    flat = CostModel((1, 32), (1.0, 1.0))
+    auto = AutoDrafter(Options(), {"ngram": counting}, flat, 16)
+
+    def first_draft(learned, batch):
+        request = AutoDrafter(Options(), {"ngram": counting}, flat, 16, learned)
+        request.start([1, 2, 3])
+        return request.propose(DecodeState([1] * 3, 2, 32, 10, batch=batch))
+
+    assert len(first_draft(auto.learned, SHARED)) == 3  # nothing learned yet: drafts sent
+    auto.start([1, 2, 3])
+    auto.learned.draft_time = 100.0
+    proposals(auto, counting, 12, accept=3)
+    assert not auto.learned.batch_pace.active
+    assert len(first_draft(auto.learned, SHARED)) == 0  # paused, or a probe
+    assert len(first_draft(auto.learned, None)) == 3
 
 
 def test_drafting_that_delivers_nothing_turns_to_probes_until_a_probe_would_have_paid():

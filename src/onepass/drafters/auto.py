@@ -29,10 +29,13 @@ tokens accepted, less the time the draft's rows added) is weighed against the ti
 step took, and each drafter's accepted nodes against the time it took to propose (Pace). Where
 drafting has stopped paying in a shared forward (a large batch, where a row barely pays) the
 request pauses it, for 1, 2, 4, ... steps while it keeps not paying, and its occasional
-proposals meanwhile are probes: scored against the emitted tokens, their rows never sent. A
-request alone does not pause (there a copy's win is bursty and large against a few percent of
-drafting). A drafter whose nodes are not worth its time (they duplicate cheaper ones', or are
-rarely right) pauses alone. So auto spends rows, and drafting time, where they pay.
+proposals meanwhile are probes: scored against the emitted tokens, their rows never sent. The
+outcomes of all requests in shared forwards are also weighed together (Learned.batch_pace):
+while they do not pay, every request's proposals there are probes, one per so many proposals
+of the batch. A request alone does not pause (there a copy's win is bursty and large against
+a few percent of drafting). A drafter whose nodes are not worth its time (they duplicate
+cheaper ones', or are rarely right) pauses alone. So auto spends rows, and drafting time,
+where they pay.
 
 When other requests share the forward (continuous batching, DecodeState.batch), a row costs
 what it adds to the whole forward and pays in the whole forward's tokens: the step scores the
@@ -350,6 +353,9 @@ class Learned:
     the estimates makes the chosen ones look better than they are (the winner's curse); the
     ratio corrects that. It matters most in a large batch, where a draft pays only narrowly."""
 
+    batch_pace: Pace = field(default_factory=lambda: Pace())
+    """Whether drafting in shared forwards pays, all requests' outcomes together."""
+
     draft_time: float = 0.0
     """Seconds auto's own work takes per step and request (propose + observe, decaying, the
     candidates' proposing included): it delays the whole forward, so a draft must save more
@@ -466,6 +472,8 @@ class AutoDrafter(Drafter):
         # scored once the emitted tokens settle them.
         self.probe = False
         self.probes: deque = deque(maxlen=MAX_PENDING)
+        self.shared: Pace | None = None
+        self.batch_rows = 1
 
     def fork(self) -> AutoDrafter:
         drafters = {m: c.drafter.fork() for m, c in self.candidates.items()}
@@ -489,7 +497,16 @@ class AutoDrafter(Drafter):
         # (a copy pays many steps' drafting at once): the request paces its drafting only
         # where it shares the forward, and each drafter its own proposing everywhere.
         batched = state.batch is not None
-        if batched and self.pace.paused():
+        # Drafting in shared forwards is also paced for all requests together: each
+        # request's record is short and bursty, the batch's together say sooner whether
+        # drafts pay there at all (with weights as stored, where a row costs its arithmetic,
+        # they mostly do not).
+        shared = self.learned.batch_pace if batched else None
+        self.shared = shared
+        self.batch_rows = 1 + (state.batch.rows if batched else 0)
+        # Both count down (a proposal skipped is one step of each pause).
+        paused = [batched and pace.paused() for pace in (self.pace, shared) if pace is not None]
+        if any(paused):
             self.drafting = None
             return Draft.empty()
         started = time.perf_counter()
@@ -508,12 +525,14 @@ class AutoDrafter(Drafter):
                 merged.add(draft, c.estimates.stats(draft, run), method)
         best, self.plain_rate, self.added_time = self.best_draft(merged, state)
         self.drafting = time.perf_counter() - started
-        self.probe = batched and not self.pace.active
+        self.probe = batched and not (self.pace.active and (shared is None or shared.active))
         if self.probe:
             if len(best):
                 step = (len(state.tokens), best, self.plain_rate, self.added_time)
                 self.probes.append(step)
             self.pace.probed()
+            if shared is not None:
+                shared.probed()
             best = Draft.empty()
         return best
 
@@ -536,12 +555,17 @@ class AutoDrafter(Drafter):
         plain_rate = expected / plain_time
         base = plain_time - self._time(total)
         calibration = self.learned.calibration()
+        gains = [min(1.0, prob * calibration) for _, prob in ranked]
+        left = sum(gains)  # what the nodes not yet taken could add at most
         best_n, best_value, best_time = 0, plain_rate, plain_time
-        for n, (_, prob) in enumerate(ranked, start=1):
-            expected += min(1.0, prob * calibration)
+        for n, gain in enumerate(gains, start=1):
+            expected += gain
+            left -= gain
             seconds = base + self._time(total + n)
             if expected / seconds > best_value:
                 best_n, best_value, best_time = n, expected / seconds, seconds
+            elif (expected + left) / seconds <= best_value:
+                break  # a forward only grows dearer with rows: no larger prefix can win
         self.predicted = sum(prob for _, prob in ranked[:best_n])
         draft = merged.draft([node for node, _ in ranked[:best_n]])
         # What probing costs the forward (a proposal's drafting and a row), against its time,
@@ -591,6 +615,8 @@ class AutoDrafter(Drafter):
             accepted = sum(hit for _, _, hit in events)
             saved = accepted / rate - added - self.learned.draft_time
             self.pace.update(saved, self.longest_pause, prior=1 / rate)
+            if self.shared is not None:
+                self.shared.update(saved, self.longest_pause * self.batch_rows, prior=1 / rate)
         self.probes = still
 
     def _pace(self, draft: Draft, verdict: Verdict) -> None:
@@ -602,6 +628,8 @@ class AutoDrafter(Drafter):
         rate = self.plain_rate
         saved = len(verdict.path) / rate - self.added_time - self.learned.draft_time
         self.pace.update(saved, self.longest_pause, prior=1 / rate)
+        if self.shared is not None:
+            self.shared.update(saved, self.longest_pause * self.batch_rows, prior=1 / rate)
         accepted: dict[str, int] = {}
         for node in verdict.path:
             if draft.sources is not None:
