@@ -189,3 +189,24 @@ def check_target_distribution(target, reference, draft_decoder, drafter_class, w
         assert p > ALPHA
     else:
         assert p < POWER_ALPHA
+
+
+def test_a_chain_stops_where_its_next_token_would_not_pay():
+    """The priced stop: with a target step far dearer than a draft forward and rows that cost
+    nothing, the chain runs to max_tokens; where a row costs as much as a whole step, no
+    token after the first can pay for its row."""
+    from onepass.draft import DecodeState
+
+    torch.set_num_threads(1)
+    target, _ = tiny_pair(max_len=64, seed=0)
+    prompt = PROMPT
+
+    def chain_length(cost) -> int:
+        drafter = DraftModelDrafter(target.fork(), max_tokens=6, cost=cost)
+        drafter.start(prompt)
+        return len(drafter.propose(DecodeState(list(prompt), len(prompt), 32, 32)))
+
+    assert chain_length(None) == 6
+    # (The tiny random draft is unsure of every token: a step must be very dear indeed.)
+    assert chain_length(lambda rows, context=None: 1e30) == 6  # rows free, a step dear
+    assert chain_length(lambda rows, context=None: 1e30 * rows) == 1  # a row costs a step

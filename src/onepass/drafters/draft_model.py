@@ -7,9 +7,12 @@ token per draft forward, from its own KV cache. Under greedy decoding it propose
 under sampling it draws each token from its own distribution, warped as the target's is
 (temperature, min-p, top-k, top-p) with the request's random generator, and passes that
 distribution as `draft_probs`, so that rejection sampling keeps exactly the target's
-distribution. Drafting stops early where the draft is unsure (its chosen token's probability
-below `min_confidence`, as llama.cpp's --draft-p-min), since the target would likely reject
-what follows.
+distribution. Drafting stops early where the next token would not pay for itself: where the
+draft's estimate that its chain is accepted that far (the product of its chosen tokens'
+probabilities) times a target step is less than a draft forward plus the rows the token adds
+to the target's forward (the measured cost curve), as transformers' dynamic speculation does
+with a fixed threshold; and where the draft is unsure of a token (its probability below
+`min_confidence`, as llama.cpp's --draft-p-min).
 
 With `width` > 1 the draft is a tree: each token of the chain comes with width - 1 siblings
 from the same distribution (greedy: the draft's next best tokens; sampling: further independent
@@ -25,7 +28,8 @@ tokens it has not (the bonus token, and the last draft token if the whole chain 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,11 +99,15 @@ class DraftModelDrafter(Drafter):
         *,
         min_confidence: float = 0.0,
         width: int = 1,
+        cost: Callable[..., float] | None = None,
     ) -> None:
         """decoder: the draft model (its own KV cache); max_tokens: the chain's longest;
-        min_confidence and width: as in Options."""
+        min_confidence and width: as in Options; cost: the target's cost curve t(rows,
+        context) (None: chains stop only at max_tokens and min_confidence)."""
         self.min_confidence = min_confidence
         self.width = width
+        self.cost = cost
+        self.forward_time = 0.0  # seconds per draft forward (decaying)
         # The draft model: its weights are shared with every fork's decoder, its KV cache is
         # this request's own.
         self.decoder = decoder
@@ -110,12 +118,15 @@ class DraftModelDrafter(Drafter):
     def fork(self) -> DraftModelDrafter:
         # A full-length cache: the request's length is not known yet, and the cache's rows are
         # allocated untouched (torch.empty), so the rows it never writes cost no memory.
-        return DraftModelDrafter(
+        fork = DraftModelDrafter(
             self.decoder.fork(),
             self.max_tokens,
             min_confidence=self.min_confidence,
             width=self.width,
+            cost=self.cost,
         )
+        fork.forward_time = self.forward_time
+        return fork
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         # All but the last prompt token: the first proposal feeds it with the first output.
@@ -139,6 +150,7 @@ class DraftModelDrafter(Drafter):
         parents: list[int] = []
         probs: list[torch.Tensor] = []
         chain_node = -1  # the node of the chain's latest token (-1: the root)
+        reach = 1.0  # the draft's estimate that the target accepts its chain this far
         while len(chain) < depth and len(tokens) < rows:
             logits = self._forward(decoder, pending)  # [vocab] after the last of them
             token, dist, confidence = self._choose(logits, state)
@@ -152,7 +164,8 @@ class DraftModelDrafter(Drafter):
             if dist is not None:
                 probs += [dist] * len(level)
             chain.append(token)
-            if confidence < self.min_confidence:
+            reach *= confidence
+            if confidence < self.min_confidence or not self._pays(reach, len(tokens), state):
                 break
             pending = [token]
         self.fed_drafts = chain[:-1]
@@ -190,14 +203,28 @@ class DraftModelDrafter(Drafter):
         self.decoder.truncate(self.written)
         self.fed_drafts = []
 
-    @staticmethod
-    def _forward(decoder: NativeDecoder, ids: list[int]) -> torch.Tensor:
+    def _pays(self, reach: float, rows: int, state: DecodeState) -> bool:
+        """Whether drafting another level is worth its price: the tokens it can add (at most
+        `reach`, each worth a target step) against a draft forward and the rows it adds to
+        the target's forward, which holds the root and `rows` draft rows so far."""
+        if self.cost is None:
+            return True
+        context = len(state.tokens)
+        added = self.cost(1 + rows + self.width, context) - self.cost(1 + rows, context)
+        return reach * self.cost(1, context) > self.forward_time + added
+
+    def _forward(self, decoder: NativeDecoder, ids: list[int]) -> torch.Tensor:
+        began = time.perf_counter()
         start = decoder.cache_len
         device = decoder.device
         positions = torch.arange(start, start + len(ids), device=device)
         out = decoder.forward(torch.tensor(ids, device=device), positions, None)
         decoder.commit(list(range(len(ids))))
-        return out.logits[-1]
+        logits = out.logits[-1]
+        seconds = time.perf_counter() - began
+        decay = 0.9 if self.forward_time else 0.0
+        self.forward_time = decay * self.forward_time + (1 - decay) * seconds
+        return logits
 
     @staticmethod
     def _choose(logits: torch.Tensor, state: DecodeState) -> tuple[int, torch.Tensor | None, float]:
@@ -235,9 +262,11 @@ def build(options: Options, context) -> DraftModelDrafter:
         dtype=target.dtype,
         device=target.device,
     )
+    cost = context.cost_model() if callable(context.cost_model) else context.cost_model
     return DraftModelDrafter(
         decoder,
         context.num_speculative_tokens or 4,
         min_confidence=options.min_confidence,
         width=options.width,
+        cost=cost,
     )
