@@ -50,17 +50,28 @@ def two_questions(path: Path) -> Path:
 class FakeRunner(Stateless):
     """Returns fixed tokens; seconds[i] is the time of its i-th call (call 0 = warm-up)."""
 
-    def __init__(self, name, log, tokens=(1, 2, 3, 4), seconds=(1.0,), stats=None, prefill=None):
+    def __init__(
+        self,
+        name,
+        log,
+        tokens=(1, 2, 3, 4),
+        seconds=(1.0,),
+        stats=None,
+        prefill=None,
+        drafting=None,
+    ):
         self.name, self.log, self.tokens = name, log, list(tokens)
         self.seconds, self.stats, self.calls = list(seconds), stats, 0
         self.prefill = prefill  # seconds to the first token, reported by every call (or None)
+        self.drafting = drafting  # seconds of drafting, reported by every call (or None)
 
     def run(self, prompt_ids, max_tokens):
         self.log.append((self.name, tuple(prompt_ids), max_tokens))
         seconds = self.seconds[min(self.calls, len(self.seconds) - 1)]
         self.calls += 1
         stats = self.stats.pop(0) if self.stats else None
-        return Turn(list(self.tokens), f"answer of {self.name}", seconds, stats, self.prefill)
+        text = f"answer of {self.name}"
+        return Turn(list(self.tokens), text, seconds, stats, self.prefill, self.drafting)
 
 
 def encode_by_length(messages):
@@ -317,6 +328,19 @@ def test_free_verification_speedup_prices_every_forward_as_a_plain_step():
     assert summary["peer"]["overall"]["free_verification_speedup"] is None
 
 
+def test_drafting_share_is_of_the_seconds_after_the_first_token():
+    """1.5 s, 0.5 s of them prefill, 0.25 s drafting: a quarter of the decoding time. Runners
+    that do not report drafting (peers) get none."""
+    vanilla = FakeRunner("vanilla", [], seconds=[1.5], prefill=0.5, drafting=0.0)
+    method = FakeRunner("m", [], seconds=[1.5], prefill=0.5, drafting=0.25)
+    peer = FakeRunner("peer", [], seconds=[1.0])
+    records = run_questions(QUESTIONS, [vanilla, method, peer], encode_by_length, max_tokens=4)
+    summary = summarize(records)
+    assert summary["m"]["overall"]["drafting_share"] == pytest.approx(0.25)
+    assert summary["vanilla"]["overall"]["drafting_share"] == 0.0
+    assert summary["peer"]["overall"]["drafting_share"] is None
+
+
 # -- report, plots, atomic writes ---------------------------------------------------------------
 
 
@@ -352,12 +376,13 @@ def test_markdown_report_has_the_tables():
         "Speedup if verification were free",
         "Tokens per second",
         "Mean acceptance length",
+        "Share of decoding time spent drafting",
         "Greedy output identical to vanilla",
         "Acceptance rate by draft position",
         "Environment",
     ):
         assert f"\n## {heading}\n" in text
-    assert text.count("| method | overall | a | b |") == 6
+    assert text.count("| method | overall | a | b |") == 7
     assert "| ngram | 2.00x | 2.00x | 2.00x |" in text
     assert "| ngram | 75% | 25% |" in text  # by position, pooled: (2 + 1) / 4, (1 + 0) / 4
     assert "onepass bench --max-tokens 4" in text and "| cpu | test cpu |" in text

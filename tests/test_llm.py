@@ -128,3 +128,12 @@ def test_restored_drafter_drafts_as_before_the_requests_it_learned_from(llm):
 
 
 PROMPT = "Summarize: the quick brown fox jumps over the lazy dog, and the dog sleeps on."
+
+
+@pytest.mark.real_model
+def test_metrics_report_the_drafting_time(llm):
+    params = SamplingParams(temperature=0, max_tokens=24)
+    prompt = "Repeat: one two three, one two three, one two three"
+    out = llm.generate(prompt, params, speculative_config={"method": "auto"})[0]
+    m = out.metrics
+    assert 0 < m.drafting_seconds < m.total_seconds - m.prefill_seconds

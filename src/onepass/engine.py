@@ -9,6 +9,7 @@ next forward, whose row 0 scores it together with the next draft (design.md §3)
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -101,6 +102,8 @@ class Decoding:
         self.generated = 0
         self.accepted_per_step = 0.0
         """Decaying mean of the draft tokens a step accepts (for the batch's pricing)."""
+        self.drafting_seconds = 0.0
+        """Time spent in the drafter's propose and observe (the bench reports its share)."""
         self._chunks = deque(backend.prefill_chunks(len(self.tokens)))
         self._prefilled = 0
         self._draft = Draft.empty()
@@ -144,7 +147,9 @@ class Decoding:
             self.rng,
             batch,
         )
+        began = time.perf_counter()
         draft = self.drafter.propose(state).truncated(max_depth=state.max_depth, max_nodes=room)
+        self.drafting_seconds += time.perf_counter() - began
         if len(draft) + len(draft.aux_tokens) > room:
             raise RuntimeError("a drafter proposed more rows than max_draft_tokens allows")
         self._draft = draft
@@ -182,7 +187,9 @@ class Decoding:
         logits = self.processor.process(out.logits[: n + 1], row_drafts)
         verdict = verify(draft, logits, self.processor, self.rng, self.typical)
         self.backend.commit(torch.tensor([0, *(i + 1 for i in verdict.path)]))
+        began = time.perf_counter()
         self.drafter.observe(draft, verdict, out)
+        self.drafting_seconds += time.perf_counter() - began
         if n:
             self.accepted_per_step = 0.8 * self.accepted_per_step + 0.2 * len(verdict.path)
         sources = None

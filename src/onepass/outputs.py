@@ -75,6 +75,8 @@ class RequestMetrics:
     lossless: bool = True
     """False only under an explicit lossy opt-in (typical acceptance)."""
     spec: SpecDecodeStats = field(default_factory=SpecDecodeStats)
+    drafting_seconds: float = 0.0
+    """Of total_seconds, the time the drafter took to propose and to observe verdicts."""
 
 
 @dataclass

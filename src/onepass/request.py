@@ -87,6 +87,7 @@ class Request:
         if assembler.finished:
             self._end()
             metrics.total_seconds = time.perf_counter() - self._start
+            metrics.drafting_seconds = self.decoding.drafting_seconds
             return self._output(assembler.delta() if self.delta else assembler.text)
         return self._output(assembler.delta()) if self.delta else None
 

@@ -99,6 +99,11 @@ def summary_tables(results: dict[str, Any]) -> str:
         "Tokens emitted per target forward, bonus token included (plain decoding = 1.00; "
         f"{MISSING} = not reported, as for the peers).",
         metric_table(results, "mean_acceptance_length", "float"),
+        "## Share of decoding time spent drafting",
+        "Mean over prompts of the drafter's proposing and observing time / the seconds after "
+        "the first token: the Python between forwards that a method adds to every step "
+        f"(vanilla's is its empty drafter's; {MISSING} = not reported, as for the peers).",
+        metric_table(results, "drafting_share", "percent"),
     ]
     if results["settings"]["sampling"]["temperature"] == 0:
         parts += [

@@ -80,6 +80,17 @@ class Conversation:
         return sum(t.prefill_seconds for t in self.turns)
 
     @property
+    def drafting_share(self) -> float | None:
+        """Of the seconds after each turn's first token, the share the drafter took (proposing
+        and observing); None if the runner does not report it."""
+        prefill = self.prefill_seconds
+        if prefill is None or any(t.drafting_seconds is None for t in self.turns):
+            return None
+        seconds = self.seconds - prefill
+        drafting = sum(t.drafting_seconds for t in self.turns)
+        return drafting / seconds if seconds > 0 else None
+
+    @property
     def decode_tokens_per_s(self) -> float | None:
         """Tokens after each turn's first / seconds after it: the decoding loop without the
         prompt's prefill. None if the runner does not report its prefill time."""
@@ -144,6 +155,8 @@ class Record:
     decoding step and drafting took no time (free_verification_speedup; None for peers)."""
     identical_to_vanilla: bool | None
     """Greedy only: the same token ids as vanilla in every turn (None when sampling)."""
+    drafting_share: float | None = None
+    """Of the decoding seconds (prefill excluded), the share the drafter took."""
     num_drafts: int | None = None
     num_draft_tokens: int | None = None
     num_accepted_tokens: int | None = None
@@ -183,6 +196,7 @@ def make_record(
         mean_acceptance_length=stats.mean_acceptance_length if stats else None,
         free_verification_speedup=free_verification_speedup(run, vanilla),
         identical_to_vanilla=run.token_ids == vanilla.token_ids if greedy else None,
+        drafting_share=run.drafting_share,
         num_drafts=stats.num_drafts if stats else None,
         num_draft_tokens=stats.num_draft_tokens if stats else None,
         num_accepted_tokens=stats.num_accepted_tokens if stats else None,
@@ -276,6 +290,7 @@ def group_summary(records: Sequence[Record]) -> dict[str, Any]:
             per_pos.extend([0] * (d + 1 - len(per_pos)))
             per_pos[d] += count
     checked = [r.identical_to_vanilla for r in records if r.identical_to_vanilla is not None]
+    shares = [r.drafting_share for r in records if r.drafting_share is not None]
     return {
         "speedup": geometric_mean(ratios) if ratios else None,
         "decode_speedup": geometric_mean(decode_ratios) if decode_ratios else None,
@@ -286,6 +301,7 @@ def group_summary(records: Sequence[Record]) -> dict[str, Any]:
         ),
         "acceptance_per_position": [c / drafts for c in per_pos] if drafts else [],
         "identical_fraction": sum(checked) / len(checked) if checked else None,
+        "drafting_share": sum(shares) / len(shares) if shares else None,
         "num_questions": len(records),
     }
 

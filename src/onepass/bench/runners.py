@@ -93,6 +93,8 @@ class Turn:
     """Speculative decoding counts; None when the runner does not report them (peers)."""
     prefill_seconds: float | None = None
     """Time to the first token (the prompt's prefill); None when the runner does not report it."""
+    drafting_seconds: float | None = None
+    """Of `seconds`, the drafter's proposing and observing; None when not reported (peers)."""
 
 
 class Runner(Protocol):
@@ -164,6 +166,7 @@ class OnepassRunner:
             metrics.total_seconds,
             metrics.spec,
             metrics.prefill_seconds,
+            metrics.drafting_seconds,
         )
 
 
