@@ -286,3 +286,12 @@ def test_drafter_is_reset_per_request():
     assert d.iterations == 0 and 9 not in d.pool.table
     again = d.propose(state([1, 2, 3, 4, 1]))
     assert (again.tokens, again.aux_tokens) == (first.tokens, first.aux_tokens)
+
+
+@pytest.mark.parametrize("field", ["level", "window_size", "guess_set_size", "max_rows"])
+def test_sizes_are_bounded(field):
+    """A window of 2**63 levels once took all the machine's memory: sizes are bounded."""
+    with pytest.raises(ValueError, match=field):
+        Options(**{field: 2**63})
+    with pytest.raises(ValueError, match=field):
+        Options(**{field: True})

@@ -65,14 +65,17 @@ class Options:
     """Rows a step scores (root + window + trie) when num_speculative_tokens is not given."""
 
     def __post_init__(self) -> None:
-        if self.level < 2:
-            raise ValueError("level must be >= 2")
-        if self.window_size < 1:
-            raise ValueError("window_size must be >= 1")
-        if self.guess_set_size < 1:
-            raise ValueError("guess_set_size must be >= 1")
-        if self.max_rows < 2:
-            raise ValueError("max_rows must be >= 2")
+        # Bounded above too: the window holds (level - 1) x window_size tokens, and a level of
+        # 2**63 once took all the machine's memory.
+        for name, low, high in (
+            ("level", 2, 16),
+            ("window_size", 1, 64),
+            ("guess_set_size", 1, 64),
+            ("max_rows", 2, 256),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
 
 
 class NgramPool:
