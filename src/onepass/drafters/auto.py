@@ -504,9 +504,8 @@ class AutoDrafter(Drafter):
         shared = self.learned.batch_pace if batched else None
         self.shared = shared
         self.batch_rows = 1 + (state.batch.rows if batched else 0)
-        # Both count down (a proposal skipped is one step of each pause).
-        paused = [batched and pace.paused() for pace in (self.pace, shared) if pace is not None]
-        if any(paused):
+        # Both pauses count down (a list, not a short-circuiting any of a generator).
+        if batched and any([pace.paused() for pace in (self.pace, shared) if pace is not None]):
             self.drafting = None
             return Draft.empty()
         started = time.perf_counter()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -198,13 +199,10 @@ def cached_calibration(context: Any, options: Options) -> Calibration:
         raise InputError("layer_skip's calibration needs the backend's cost curve (or pass layers)")
     key = calibration_key(backend, context.model_key, options)
     path = Path(context.cache_dir) / CALIBRATION_FILE if context.cache_dir else None
-    if path is not None:
-        entry = read_entries(path)[0].get(key)
-        try:
-            if entry is not None:
-                return Calibration(**entry)
-        except TypeError:
-            pass  # damaged: calibrate again and rewrite
+    entry = read_entries(path)[0].get(key) if path is not None else None
+    if isinstance(entry, dict):
+        with suppress(TypeError):  # a damaged entry: calibrate again and rewrite it
+            return Calibration(**entry)
     result = calibrate(backend, context.tokenizer, cost, options)
     if path is not None:
         store_entry(path, key, asdict(result))

@@ -31,7 +31,7 @@ import ray
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from onepass.server.cli import _loopback, listen, log_to_stderr, server_options
+from onepass.server.cli import _loopback, listen, load_and_measure, log_to_stderr, server_options
 
 APP_NAME = "onepass"
 REPLICA_HEADER = b"x-onepass-replica"
@@ -66,18 +66,12 @@ class ReplicaHeader:
         await self.app(scope, receive, named)
 
 
-def measured(llm: Any) -> Any:
-    llm.cost_model()
-    return llm
-
-
 @serve.deployment(name="OnepassReplica")
 @serve.ingress()  # the app is built per replica, over its own LLM (__serve_build_asgi_app__)
 class OnepassReplica:
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
 
-        from onepass.cli import load_llm
         from onepass.server.scheduler import build_off_thread
 
         # before loading: the kernels and the cost curve `auto` uses are per thread count
@@ -86,7 +80,7 @@ class OnepassReplica:
         self.name = serve.get_replica_context().replica_id.unique_id
         # Measured (once per machine and thread count) before serving; off this thread, which
         # must not keep an OpenMP team beside the scheduler's (build_off_thread).
-        self.llm = build_off_thread(lambda: measured(load_llm(args)))
+        self.llm = build_off_thread(lambda: load_and_measure(args, time.perf_counter()))
         log_to_stderr()  # to the replica's log (and the driver's console)
 
     def __serve_build_asgi_app__(self) -> Any:
