@@ -438,6 +438,7 @@ def test_bench_command_end_to_end(tmp_path, tiny_model_dir, capsys, monkeypatch)
     dataset = two_questions(tmp_path / "q.jsonl")
     out, md, png = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "p.png"
     args = ["--dataset", str(dataset), "--methods", "ngram", "--peers", "hf"]
+    args += ["--variant", 'short={"method": "ngram", "prompt_lookup_max": 2}']
     args += ["--multi-turn", "--repeats", "2"]
     args += ["--output", str(out), "--report", str(md), "--plot", str(png)]
     assert bench(tiny_model_dir, *args) == 0, capsys.readouterr().err
@@ -447,7 +448,7 @@ def test_bench_command_end_to_end(tmp_path, tiny_model_dir, capsys, monkeypatch)
     assert {"onepass", "torch", "transformers", "python", "cpu", "torch_threads"} <= set(
         results["env"]
     )
-    methods = ["vanilla", "ngram", "hf", "hf_pld"]
+    methods = ["vanilla", "ngram", "short", "hf", "hf_pld"]
     assert [(r["question_id"], r["method"]) for r in results["records"]] == [
         (q, m) for q in (1, 2) for m in methods
     ]
@@ -456,7 +457,7 @@ def test_bench_command_end_to_end(tmp_path, tiny_model_dir, capsys, monkeypatch)
         assert isinstance(r["identical_to_vanilla"], bool)
         assert r["turns"] == (2 if r["question_id"] == 1 else 1)  # multi-turn: both turns
         assert len(r["repeat_seconds"]) == 2
-    ngram = [r for r in results["records"] if r["method"] == "ngram"]
+    ngram = [r for r in results["records"] if r["method"] in ("ngram", "short")]
     assert all(r["identical_to_vanilla"] for r in ngram)  # lossless on the same backend
     assert all(r["mean_acceptance_length"] >= 1.0 for r in ngram)
     assert list(results["summary"]) == methods
@@ -474,6 +475,7 @@ def test_bench_command_end_to_end(tmp_path, tiny_model_dir, capsys, monkeypatch)
     again = build_parser().parse_args(command[1:])
     assert again.methods == "ngram" and again.peers == "hf" and again.max_tokens == 6
     assert again.multi_turn and again.repeats == 2
+    assert again.variant == ['short={"method": "ngram", "prompt_lookup_max": 2}']
     assert again.dataset == str(dataset) and again.output == str(out)
 
 
@@ -505,6 +507,10 @@ def test_failed_run_leaves_no_output(tmp_path, tiny_model_dir, capsys, monkeypat
         (lambda d: ["--categories", "chat,poetry"], "unknown category 'poetry'; the dataset has:"),
         (lambda d: ["--methods", "ngram,magic"], "unknown method 'magic'; valid: vanilla, ngram"),
         (lambda d: ["--peers", "vllm"], "unknown peer 'vllm'; valid: hf"),
+        (lambda d: ["--variant", "auto"], "--variant takes NAME=JSON, got 'auto'"),
+        (lambda d: ["--variant", "x={oops"], "--variant x: not valid JSON"),
+        (lambda d: ["--variant", 'ngram={"method": "ngram"}'], "variant name 'ngram' is taken"),
+        (lambda d: ["--variant", 'x={"method": "magic"}'], "variant 'x': "),
         (lambda d: ["--repeats", "0"], "repeats must be at least 1"),
         (lambda d: ["--plot", str(d / "no" / "p.png")], "does not exist"),
     ],

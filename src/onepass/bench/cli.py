@@ -5,12 +5,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+from onepass.bench.questions import BenchError
 from onepass.bench.run import BenchSettings
 from onepass.bench.runners import PEERS, Sampling
 
@@ -23,6 +26,20 @@ def _names(value: str | None) -> list[str] | None:
     if value is None:
         return None
     return list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+
+
+def _variants(values: list[str]) -> dict[str, Any]:
+    """['name={"method": ...}', ...] -> {name: config dict}."""
+    out: dict[str, Any] = {}
+    for value in values:
+        name, sep, text = value.partition("=")
+        if not sep or not name.strip():
+            raise BenchError(f"--variant takes NAME=JSON, got {value!r}")
+        try:
+            out[name.strip()] = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BenchError(f"--variant {name.strip()}: not valid JSON ({e})") from None
+    return out
 
 
 def add_bench_parser(
@@ -61,6 +78,13 @@ def add_bench_parser(
         metavar="A,B",
         help="methods to compare; vanilla (plain decoding) always runs first "
         "(default: vanilla and every registered method that loads)",
+    )
+    g.add_argument(
+        "--variant",
+        action="append",
+        metavar="NAME=JSON",
+        help="a method with its own speculative config, reported as NAME, e.g. "
+        """'auto+heads={"method": "auto", "heads": true}' (repeatable)""",
     )
     g.add_argument(
         "--peers",
@@ -102,6 +126,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         categories=_names(args.categories),
         limit_per_category=args.limit_per_category,
         methods=_names(args.methods),
+        variants=_variants(args.variant or []),
         peers=_names(args.peers) or [],
         sampling=Sampling(
             max_tokens=args.max_tokens,
@@ -123,7 +148,8 @@ def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace) -> s
         if dest in _NOT_OPTIONS or value == parser.get_default(dest):
             continue
         flag = "--" + dest.replace("_", "-")
-        parts += [flag] if value is True else [flag, str(value)]
+        for item in value if isinstance(value, list) else [value]:
+            parts += [flag] if item is True else [flag, str(item)]
     return shlex.join(parts)
 
 

@@ -32,6 +32,7 @@ from onepass.bench.runners import (
     Sampling,
     Turn,
     check_peers,
+    check_variant,
     encoder,
     hf_runners,
     llamacpp_runner,
@@ -369,6 +370,8 @@ class BenchSettings:
     limit_per_category: int | None = None
     methods: list[str] | None = None
     """Speculative methods besides vanilla (None = every registered method that loads)."""
+    variants: dict[str, Any] = field(default_factory=dict)
+    """More methods, each a name and its own speculative config (run after `methods`)."""
     peers: list[str] = field(default_factory=list)
     """Other implementations on the same prompts: "hf" (adds hf, hf_pld), "llamacpp"."""
     sampling: Sampling = field(default_factory=Sampling)
@@ -398,6 +401,9 @@ def prepare(settings: BenchSettings) -> tuple[list[Question], list[str], list[st
         load_questions(settings.dataset), settings.categories, settings.limit_per_category
     )
     methods, skipped = resolve_methods(settings.methods)
+    for name, config in settings.variants.items():
+        check_variant(name, config, methods)
+        methods.append(name)
     check_peers(settings.peers)
     return questions, methods, skipped
 
@@ -423,7 +429,9 @@ def run_benchmark(
     questions, methods, skipped = prepare(settings)
     llm = LLM(model, dtype=dtype, device=device, max_model_len=max_model_len, weights=weights)
     sampling = settings.sampling
-    runners: list[Runner] = [OnepassRunner(llm, m, sampling) for m in methods]
+    runners: list[Runner] = [
+        OnepassRunner(llm, m, sampling, settings.variants.get(m)) for m in methods
+    ]
     if "hf" in settings.peers:
         runners += hf_runners(llm, model, sampling, getattr(torch, dtype))
     if "llamacpp" in settings.peers:

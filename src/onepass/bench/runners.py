@@ -47,6 +47,19 @@ def check_method(name: str) -> None:
         raise BenchError(f"method {name!r} cannot be loaded ({e})") from None
 
 
+def check_variant(name: str, config: Any, methods: Sequence[str]) -> None:
+    """Raise a BenchError unless `config` is a valid speculative config and `name` is new."""
+    from onepass.config import ConfigError, SpeculativeConfig
+    from onepass.drafters import METHODS
+
+    if name in methods or name in METHODS or name == VANILLA:
+        raise BenchError(f"variant name {name!r} is taken: name it apart from the methods")
+    try:
+        SpeculativeConfig.parse(config)
+    except (ConfigError, ValueError, TypeError) as e:
+        raise BenchError(f"variant {name!r}: {e}") from None
+
+
 def resolve_methods(names: Sequence[str] | None) -> tuple[list[str], list[str]]:
     """Vanilla first, then the given methods in order (default: every registered method that
     loads). Returns (methods, skipped default methods)."""
@@ -134,11 +147,13 @@ class OnepassRunner:
     """onepass's LLM with one speculative config (None = plain decoding). Time is the engine's
     own measure (prefill + decoding, after tokenization)."""
 
-    def __init__(self, llm: Any, name: str, sampling: Sampling) -> None:
+    def __init__(
+        self, llm: Any, name: str, sampling: Sampling, spec: dict[str, Any] | None = None
+    ) -> None:
         from onepass.sampling import SamplingParams
 
         self.llm, self.name = llm, name
-        self.spec = None if name == VANILLA else {"method": name}
+        self.spec = spec or (None if name == VANILLA else {"method": name})
         self.params = SamplingParams(
             max_tokens=sampling.max_tokens,
             temperature=sampling.temperature,
