@@ -172,3 +172,28 @@ def test_the_heads_projections_on_the_targets_gemm_give_its_own_outputs(llm):
         ours = head(hidden, embedded, torch.arange(3))
         theirs = head(hidden, embedded, torch.arange(3), linears=linears)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("passes", [1, 2, 3])
+def test_the_unrolled_training_passes_equal_drafting_a_chain(passes):
+    """Training pass d at row j must compute what drafting computes at depth d + 1 from the true
+    rows up to j - d: the head reads its own guesses one position at a time over its cache.
+    Otherwise the head learns depths it never drafts."""
+    from onepass.train.eagle import unrolled
+
+    torch.manual_seed(2)
+    head = EagleHead(32, 4, 2, 8, 48, 10000.0, 1e-6, torch.arange(50)).eval()
+    n = 6
+    hidden, embedded = torch.randn(n, 32), torch.randn(n, 32)
+    positions = torch.arange(20, 20 + n)
+    with torch.no_grad():
+        trained = unrolled(head, hidden, hidden[:1], embedded, positions, passes)
+        for d in range(passes):
+            for j in range(d, n):
+                cache = (torch.zeros(n, 2, 8), torch.zeros(n, 2, 8))
+                root = j - d  # the last true row: the cache holds rows 0..root
+                g = head(hidden[: root + 1], embedded[: root + 1], positions[: root + 1], cache)
+                g = g[-1]
+                for k in range(root + 1, j + 1):  # one draft row per depth, reading its guess
+                    g = head(g[None], embedded[k : k + 1], positions[k : k + 1], cache, k)[0]
+                torch.testing.assert_close(trained[d][j], g, rtol=1e-5, atol=1e-5)

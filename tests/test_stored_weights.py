@@ -20,7 +20,7 @@ from conftest import each_isa, hf_model, tiny_config
 from onepass.models import cpu_kernels
 from onepass.models.config import ModelConfig
 from onepass.models.gguf import load_gguf
-from onepass.models.llama import NativeDecoder
+from onepass.models.llama import NativeDecoder, StoredLinear
 from onepass.models.loading import default_model_path, load_hf_weights
 from onepass.models.stored import (
     BF16,
@@ -351,6 +351,24 @@ def test_half_precision_safetensors_equal_the_float32_path(isa, hf_dir):
     assert kinds == {BF16, F16}
     _, reference = load_hf_weights(hf_dir, stored=False)
     same_logits(config, stored, reference, isa)
+
+
+@each_isa
+def test_the_lm_heads_rows_for_a_draft_vocabulary_give_its_columns(isa, gguf_path):
+    """A draft head's vocabulary reads the LM head's rows for those tokens (kept in their
+    blocks when stored): the logits of those tokens, bit for bit, stored or not."""
+    config, stored = load_gguf_stored(gguf_path)
+    reference = {name: dequantized(t) for name, t in stored.items()}
+    ids = torch.tensor([5, 96, 0, 41, 7])
+    x = torch.randn(3, config.hidden_size, generator=torch.Generator().manual_seed(3))
+    columns = []
+    for weights in (stored, reference):
+        decoder = NativeDecoder(config, weights, max_len=16, isa=isa)
+        part = decoder.lm_head_part(ids)
+        assert isinstance(part, StoredLinear) == decoder.stored
+        assert torch.equal(bits(part(x)), bits(decoder.lm_head(x)[:, ids]))
+        columns.append(part(x))
+    assert torch.equal(bits(columns[0]), bits(columns[1]))
 
 
 @functools.cache

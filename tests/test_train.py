@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from onepass import SamplingParams
 from onepass.heads.files import llm_target as llm_target_of
@@ -135,5 +136,26 @@ def test_the_train_command(tiny_llm, tmp_path, capsys, method):
         greedy = SamplingParams(temperature=0, max_tokens=12)
         answer = tiny_llm.generate({"prompt_token_ids": prompt}, greedy)[0].outputs[0]
         assert sample.ids.tolist() == prompt + list(answer.token_ids)
+        # The labels are the target's greedy tokens: on its own answer, the answer itself.
+        assert sample.greedy[len(prompt) - 1 : -1].tolist() == list(answer.token_ids)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["method"] == method and config["target"]["name"] == tiny_llm.model_name
+
+
+def test_samples_cached_without_greedy_tokens_get_them(tiny_llm, tmp_path):
+    """A cache written before the labels were the target's greedy tokens is completed from the
+    stored hidden states, not silently skipped."""
+    from safetensors.torch import save_file
+
+    from onepass.train.features import DataSettings, FeatureCache
+
+    cache = FeatureCache(tmp_path, llm_target_of(tiny_llm), DataSettings("x", False, 96, 12))
+    hidden = torch.randn(5, 8).to(torch.float16)
+    old = {"ids": torch.arange(5, dtype=torch.int32), "rows": torch.tensor([2, 0]).int()}
+    save_file({**old, "hidden": hidden}, str(cache.path(0)))
+    assert cache.read(0) is None
+    lm_weight = torch.randn(11, 8)
+    cache.add_greedy(1, lm_weight)
+    sample = cache.read(0)
+    assert sample.greedy.tolist() == (hidden.float() @ lm_weight.T).argmax(-1).tolist()
+    assert sample.ids.tolist() == list(range(5)) and sample.start == 2

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from onepass.draft import DecodeState, Draft, Verdict
 from onepass.drafters.base import Drafter
-from onepass.drafters.medusa import lm_head_rows, target_of
+from onepass.drafters.medusa import target_of
 from onepass.errors import InputError
 from onepass.heads.eagle import METHOD, EagleHead
 from onepass.heads.files import find_heads, load_heads
@@ -237,7 +237,7 @@ def build(options: Options, context: DraftContext) -> EagleDrafter:
     if head.hidden_size != target.hidden_size or int(head.draft_vocab.max()) >= target.vocab_size:
         raise InputError(f"the eagle head in {path} does not fit the target's sizes")
     backend = context.backend
-    lm_head = backend.linear(lm_head_rows(backend, head.draft_vocab))
+    lm_head = backend.lm_head_part(head.draft_vocab)
     linears = {name: backend.linear(m.weight, m.bias) for name, m in head.projections().items()}
     shared = Shared(head, linears, backend.embeddings, lm_head, backend.max_len)
     return EagleDrafter(options, shared, context.num_speculative_tokens or options.max_nodes)

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
 
 from onepass.draft import DecodeState, Draft, Verdict
 from onepass.drafters.base import Drafter
@@ -197,13 +196,5 @@ def build(options: Options, context: DraftContext) -> MedusaDrafter:
     if heads.draft_vocab is not None:
         if int(heads.draft_vocab.max()) >= target.vocab_size:
             raise InputError(f"the medusa heads in {path} name tokens past the vocabulary")
-        lm_head = context.backend.linear(lm_head_rows(context.backend, heads.draft_vocab))
+        lm_head = context.backend.lm_head_part(heads.draft_vocab)
     return MedusaDrafter(options, heads.eval(), lm_head, max_nodes)
-
-
-def lm_head_rows(backend: Any, ids: Tensor) -> Tensor:
-    """[len(ids), H] float32: the target's LM head rows for these tokens, read through the
-    backend's own product (x = I gives W^T exactly, whatever format the weights are kept in)."""
-    with torch.inference_mode():
-        eye = torch.eye(backend.config.hidden_size, dtype=backend.dtype, device=backend.device)
-        return backend.lm_head(eye).float().T[ids].contiguous().cpu()

@@ -266,6 +266,7 @@ class NativeDecoder:
         self.embed_packed = pack_stored(self.kernels, [embed]) if stored_embed else None
         self.embed = None if stored_embed else embed
         lm_head = embed if config.tie_word_embeddings else w["lm_head.weight"]
+        self.lm_head_stored = lm_head if isinstance(lm_head, StoredTensor) else None
         if isinstance(lm_head, StoredTensor):
             packed = self.embed_packed if lm_head is embed else pack_stored(self.kernels, [lm_head])
             self.lm_head = StoredLinear(packed, lm_head.shape[0], self.kernels)
@@ -531,6 +532,20 @@ class NativeDecoder:
         weight = weight.detach().to(self.device, self.dtype).contiguous()
         bias = None if bias is None else bias.detach().to(self.device, self.dtype)
         return Linear(weight, bias, self.gemm, self.kernels)
+
+    def lm_head_part(self, ids: Tensor) -> Linear | StoredLinear:
+        """x -> x @ W[ids].T: the LM head restricted to these rows (a draft vocabulary), for the
+        heads' drafting. Stored rows stay in their blocks (a draft step then reads a quarter or
+        less of the bytes of float32 rows), with the same values either way."""
+        if self.lm_head_stored is not None:
+            source = self.lm_head_stored
+            rows = source.rows[ids.cpu().numpy()]
+            part = StoredTensor(source.raw, source.ggml_type, source.columns, rows)
+            return StoredLinear(pack_stored(self.kernels, [part]), len(ids), self.kernels)
+        with torch.inference_mode():  # x = I gives W^T exactly, however the head is kept
+            eye = torch.eye(self.config.hidden_size, dtype=self.dtype, device=self.device)
+            rows = self.lm_head(eye).T[ids.to(self.device)]
+        return self.linear(rows)
 
     def embeddings(self, ids: Tensor) -> Tensor:
         """[n] -> [n, hidden]: the input embeddings of token ids (an EAGLE head reads them)."""

@@ -61,6 +61,13 @@ def add_train_parser(sub: Any) -> None:
         default=None,
         help="eagle: the head's MLP size (default: the model's hidden size)",
     )
+    p.add_argument(
+        "--unroll",
+        type=int,
+        default=1,
+        help="eagle: draft depths trained, each reading the head's own guesses of the "
+        "previous depth (EAGLE-3's training-time test; 1 = EAGLE-1) (default: %(default)s)",
+    )
     p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="(default: %(default)s)")
     p.add_argument("--output", default=None, help="head directory (default: in the cache)")
     p.add_argument("--restart", action="store_true", help="ignore an earlier checkpoint")
@@ -75,8 +82,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     extra = {"draft_vocab": args.draft_vocab}
     if args.method == "medusa":
         extra["num_heads"] = args.num_heads
-        if args.intermediate_size is not None:
-            extra["intermediate_size"] = args.intermediate_size
+    if args.method == "eagle":
+        extra["unroll"] = args.unroll
+    if args.intermediate_size is not None:
+        extra["intermediate_size"] = args.intermediate_size
     config = TrainConfig(
         method=args.method,
         model=args.model,

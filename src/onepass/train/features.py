@@ -5,7 +5,9 @@ ShareGPT's own, or with `self_distill` the target's greedy answer (Medusa-2 and 
 that heads learn best what the target itself writes). The target scores the whole sample in
 causal chunks, as a prefill does, and its final normed hidden states (what the LM head and the
 heads read at decoding time) are stored in half precision, every row (an EAGLE head attends to
-the prompt's too).
+the prompt's too), with the target's greedy next token at each row: the heads' labels. On
+ShareGPT's answers the heads then learn what the target would write after each prefix, which is
+what verification accepts, rather than the human-written next token.
 
 The cache lives under onepass's cache dir, keyed by the target's fingerprint and the data
 settings: a directory per setting, a file per sample (written whole or not at all), so an
@@ -65,6 +67,10 @@ class Sample:
     """Index of the first row in `hidden`."""
     hidden: Tensor
     """[T - first, H] float32: the target's final hidden states of rows first..T-1."""
+    greedy: Tensor
+    """[T - first] the target's greedy next token at rows first..T-1: what the heads learn to
+    guess (the answer's own tokens are what ShareGPT's author wrote, not what the target
+    would)."""
 
 
 class FeatureCache:
@@ -82,45 +88,67 @@ class FeatureCache:
     def has(self, index: int) -> bool:
         return self.path(index).exists()
 
-    def write(self, index: int, ids: list[int], start: int, hidden: Tensor) -> None:
+    def write(self, index: int, ids: Tensor, start: int, hidden: Tensor, greedy: Tensor) -> None:
         first = 0  # every row (the format keeps `first` to allow less)
         tensors = {
-            "ids": torch.tensor(ids, dtype=torch.int32),
+            "ids": ids.to(torch.int32),
             "rows": torch.tensor([start, first], dtype=torch.int32),
             "hidden": hidden[first:].to(torch.float16).contiguous(),
+            "greedy": greedy[first:].to(torch.int32).contiguous(),
         }
         tmp = self.path(index).with_suffix(".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, self.path(index))
 
     def read(self, index: int) -> Sample | None:
-        """The sample, or None if its file is unreadable (it is then computed again)."""
+        """The sample, or None if its file is unreadable (it is then computed again) or
+        predates the greedy tokens (add_greedy fills them in)."""
         try:
             t = load_file(str(self.path(index)))
         except (OSError, SafetensorError):
             return None
+        if "greedy" not in t:
+            return None
         start, first = t["rows"].tolist()
-        return Sample(t["ids"].long(), start, first, t["hidden"].float())
+        return Sample(t["ids"].long(), start, first, t["hidden"].float(), t["greedy"].long())
+
+    @torch.inference_mode()
+    def add_greedy(self, count: int, lm_weight: Tensor, progress: Any = None) -> None:
+        """Give samples 0..count-1 cached before the greedy tokens were kept their greedy
+        tokens, from the stored hidden states and the LM head (the fp16 rounding of the hidden
+        states can flip a near-tie: harmless in a training label)."""
+        for index in range(count):
+            try:
+                t = load_file(str(self.path(index)))
+            except (OSError, SafetensorError):
+                continue
+            if "greedy" not in t:
+                start, _ = t["rows"].tolist()
+                greedy = (t["hidden"].float() @ lm_weight.T).argmax(-1)
+                self.write(index, t["ids"], start, t["hidden"], greedy)
+            if progress is not None:
+                progress.update(1)
 
     def count(self) -> int:
         return len(list(self.dir.glob("*.safetensors")))
 
 
 @torch.inference_mode()
-def hidden_states(backend: Any, ids: list[int]) -> Tensor:
-    """[T, H]: the target's final hidden state of every row, scored in the backend's causal
-    prefill chunks (the same arithmetic as a prefill)."""
+def hidden_states(backend: Any, ids: list[int]) -> tuple[Tensor, Tensor]:
+    """([T, H], [T]): the target's final hidden state of every row and its greedy next token,
+    scored in the backend's causal prefill chunks (the same arithmetic as a prefill)."""
     backend.reset()
     ids_t = torch.tensor(ids)
-    parts, start = [], 0
+    parts, greedy, start = [], [], 0
     for size in backend.prefill_chunks(len(ids)):
         positions = torch.arange(start, start + size)
         out = backend.run(Rows(ids_t[start : start + size], positions, None, "all"))
         backend.commit(list(range(size)))
         parts.append(out.hidden.float())
+        greedy.append(out.logits.argmax(-1))
         start += size
     backend.reset()
-    return torch.cat(parts)
+    return torch.cat(parts), torch.cat(greedy)
 
 
 def build_sample(
@@ -164,7 +192,7 @@ def prepare(
             if built is None:
                 continue  # the same exchanges are skipped on every run: indices stay stable
             ids, start = built
-            cache.write(index, ids, start, hidden_states(llm.backend, ids))
+            cache.write(index, torch.tensor(ids), start, *hidden_states(llm.backend, ids))
         elif prompt_room(llm, question, settings) is None:
             continue
         index += 1
@@ -184,11 +212,13 @@ def prompt_room(llm: Any, question: str, settings: DataSettings) -> tuple[list[i
 
 
 def draft_vocabulary(samples: Iterable[Sample | None], vocab_size: int, size: int, keep: list[int]):
-    """[size] target ids: `keep`, then the most frequent answer tokens (ties by id)."""
+    """[size] target ids: `keep`, then the tokens the target most often predicts over the
+    answers (ties by id)."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
     for s in samples:
         if s is not None:
-            counts += torch.bincount(s.ids[s.start :], minlength=vocab_size)[:vocab_size]
+            answer = s.greedy[s.start - 1 - s.first : -1]
+            counts += torch.bincount(answer, minlength=vocab_size)[:vocab_size]
     counts[keep] = counts.max() + 1
     order = torch.sort(-counts, stable=True).indices
     return order[: min(size, vocab_size)]

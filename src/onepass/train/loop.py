@@ -145,14 +145,16 @@ def train(config: TrainConfig, make_trainer: Any, log: Any = print) -> dict[str,
             feature_seconds = time.monotonic() - t0
     if available < 2:
         raise InputError(f"only {available} usable samples in {path}")
+    loaded = load_model(config.model, cache_dir)
+    lm_weight = lm_head_weight(loaded.weights, loaded.config)
+    del loaded
+    with tqdm(total=available, desc="greedy tokens", unit="sample", leave=False) as bar:
+        cache.add_greedy(available, lm_weight, bar)
     n_eval = min(config.eval_samples, available // 5)
     train_ids = list(range(available - n_eval))
     eval_ids = list(range(available - n_eval, available))
 
     # 2. The heads, from the last checkpoint of the same run when there is one.
-    loaded = load_model(config.model, cache_dir)
-    lm_weight = lm_head_weight(loaded.weights, loaded.config)
-    del loaded
     trainer = make_trainer(llm, lm_weight, config, lambda: (cache.read(i) for i in train_ids))
     optimizer = torch.optim.AdamW(
         [p for p in trainer.module.parameters() if p.requires_grad], lr=config.lr

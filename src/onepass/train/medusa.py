@@ -1,7 +1,8 @@
 """Training Medusa-1 heads (heads/medusa.py) on cached hidden states: head k at row t learns
-token t + 1 + k of the sample's answer, by cross-entropy through the target's frozen LM head
-restricted to the draft vocabulary (answer tokens outside it are left out of the loss and count
-as misses), head k's loss weighted 0.8^(k-1) as in the Medusa paper."""
+token t + 1 + k as the target would write it (its greedy token after the sample's first
+t + k tokens), by cross-entropy through the target's frozen LM head
+restricted to the draft vocabulary (tokens outside it are left out of the loss and count as
+misses), head k's loss weighted 0.8^(k-1) as in the Medusa paper."""
 
 from __future__ import annotations
 
@@ -66,10 +67,11 @@ class MedusaTrainer:
                 continue
             if not all_positions and 0 < self.positions < len(rows):
                 rows = rows[torch.randperm(len(rows), generator=generator)[: self.positions]]
-            offsets = torch.arange(2, self.num_outputs + 2)  # head k: t + 1 + k
-            index = rows[:, None] + offsets[None, :]  # [r, K]
-            valid = index < len(s.ids)
-            labels.append(torch.where(valid, s.ids[index.clamp(max=len(s.ids) - 1)], -1))
+            # Head k guesses token t + 1 + k: the target's greedy token at row t + k.
+            offsets = torch.arange(1, self.num_outputs + 1)
+            index = rows[:, None] + offsets[None, :] - s.first  # [r, K] rows of s.greedy
+            valid = index < len(s.greedy)
+            labels.append(torch.where(valid, s.greedy[index.clamp(max=len(s.greedy) - 1)], -1))
             hiddens.append(s.hidden[rows - s.first])
         return torch.cat(hiddens), torch.cat(labels)
 
