@@ -48,8 +48,10 @@ class Options:
     the target."""
     max_nodes: int = 8
     """Nodes kept after reranking (num_speculative_tokens, when set, replaces it)."""
-    depth: int = 4
-    """Levels of the tree (head forwards per proposal)."""
+    depth: int = 3
+    """Levels of the tree (head forwards per proposal). With max_nodes 8 a fourth level's
+    nodes rarely rank among the kept ones: on the built-in prompts depth 4 accepted no more
+    than 3 and cost one more head forward a step."""
     top_k: int = 4
     """Nodes expanded per level, and children per expanded node."""
 
