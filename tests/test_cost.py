@@ -7,7 +7,14 @@ import time
 import pytest
 import torch
 
-from onepass.cost import SIZES, CostModel, LiveCost, cached_cost_model, measure
+from onepass.cost import (
+    SIZES,
+    CostModel,
+    LiveCost,
+    cached_cost_model,
+    measure,
+    nodes_worth_sending,
+)
 
 
 class SleepyBackend:
@@ -114,3 +121,12 @@ def test_the_live_curve_learns_each_size_from_the_forwards_run_there():
         live.observe(400, None, 0.5 * curve(400))  # past the largest size: that size learns
     assert live(16) == pytest.approx(0.5 * curve(16), rel=0.01)
     assert live(8) == pytest.approx(2 * curve(8), rel=0.01)
+
+
+def test_nodes_are_sent_while_their_chances_pay_for_their_rows():
+    chances = [0.9, 0.5, 0.05]
+    # t(1 + k) = 1 + 0.2 k: 1, 1.9 / 1.2, 2.4 / 1.4 (best), 2.45 / 1.6 tokens per second
+    assert nodes_worth_sending(chances, lambda rows, context: 1 + 0.2 * (rows - 1), 0) == 2
+    assert nodes_worth_sending(chances, lambda rows, context: 1.0, 0) == 3  # free rows
+    assert nodes_worth_sending(chances, lambda rows, context: float(rows), 0) == 0
+    assert nodes_worth_sending([], lambda rows, context: 1.0, 0) == 0

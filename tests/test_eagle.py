@@ -197,3 +197,19 @@ def test_the_unrolled_training_passes_equal_drafting_a_chain(passes):
                 for k in range(root + 1, j + 1):  # one draft row per depth, reading its guess
                     g = head(g[None], embedded[k : k + 1], positions[k : k + 1], cache, k)[0]
                 torch.testing.assert_close(trained[d][j], g, rtol=1e-5, atol=1e-5)
+
+
+def test_the_tree_is_cut_to_the_nodes_that_pay_for_their_rows(tiny_llm, tmp_path, monkeypatch):
+    """Alone, eagle sends only the nodes whose path probabilities pay for their rows on the
+    target's cost curve: where a row costs a whole step, none; the output stays plain."""
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    plain = tiny_llm.generate("Count from one", params)[0].outputs[0].token_ids
+    sent = []
+    for name, cost in (("free", 1.0), ("dear", None)):  # None: a row costs a step
+        spec = {"method": "eagle", "heads": write_head(tiny_llm, tmp_path / name, copy=True)}
+        curve = lambda self, cost=cost: lambda rows, context=None: cost or float(rows)  # noqa: E731
+        monkeypatch.setattr(type(tiny_llm), "_live_cost_model", curve)
+        out = tiny_llm.generate("Count from one", params, speculative_config=spec)[0]
+        assert out.outputs[0].token_ids == plain
+        sent.append(out.metrics.spec.num_draft_tokens)
+    assert sent[0] > 0 and sent[1] == 0

@@ -116,3 +116,24 @@ def test_the_dynamic_tree_takes_the_most_probable_paths_best_first():
     assert draft.tree.parents == (-1, 0, 1, 0, 3)
     shallow = drafter.propose(DecodeState([1, 2], 1, 64, 2))
     assert max(shallow.tree.depths) <= 2
+
+
+def test_the_best_paths_are_cut_to_those_that_pay_for_their_rows():
+    """With the target's cost curve, only the paths whose probabilities pay for the rows they
+    add are sent: the count with the most expected tokens per second of the forward."""
+    from onepass.draft import DecodeState
+    from onepass.drafters.medusa import MedusaDrafter, Options
+
+    def drafter_with(cost):
+        drafter = MedusaDrafter(Options(max_nodes=5, top_k=2), MedusaHeads(3, 4), None, 5, cost)
+        drafter.feature = torch.zeros(1, 4)
+        drafter._guess = lambda: None
+        drafter.candidates = [[10, 11], [20, 21], [30, 31]]
+        drafter.probs = [[0.9, 0.1], [0.5, 0.3], [0.8, 0.2]]
+        return drafter.propose(DecodeState([1, 2], 1, 64, 64))
+
+    # Paths .9, .45, .36, .27, .216; t(1 + k) = 1 + 0.2 k: (1 + .9 + .45 + .36) / 1.6 is best.
+    draft = drafter_with(lambda rows, context=None: 1 + 0.2 * (rows - 1))
+    assert draft.tokens == [10, 20, 30] and draft.tree.parents == (-1, 0, 1)
+    assert len(drafter_with(lambda rows, context=None: 1.0).tokens) == 5  # rows are free
+    assert drafter_with(lambda rows, context=None: float(rows)).tokens == []  # a row, a step

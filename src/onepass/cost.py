@@ -14,7 +14,7 @@ import platform
 import time
 import warnings
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -135,6 +135,22 @@ class LiveCost:
             return [(i - 1, 1.0)]
         share = (rows - sizes[i - 1]) / (sizes[i] - sizes[i - 1])
         return [(i - 1, 1.0 - share), (i, share)]
+
+
+def nodes_worth_sending(
+    probabilities: Sequence[float], cost: Callable[..., float], context: int
+) -> int:
+    """How many draft nodes to send, given each node's chance of acceptance, best first (a
+    prefix must be a tree): the count with the most expected tokens per second of the verifying
+    forward, which holds the root and the nodes (a node adds its chance to the tokens a step
+    emits). 0: none pays for its row."""
+    best_rate, best, expected = 1.0 / cost(1, context), 0, 1.0
+    for count, p in enumerate(probabilities, 1):
+        expected += p
+        rate = expected / cost(1 + count, context)
+        if rate > best_rate:
+            best_rate, best = rate, count
+    return best
 
 
 def _is_int(value: Any, least: int) -> bool:

@@ -292,14 +292,17 @@ def sub_drafter_config(
 ) -> tuple:
     """Options and context for one of auto's drafters: each proposes up to max_nodes tokens,
     except recycling, which offers its whole (wider) template for auto to prune; a draft model
-    is auto's `model`."""
+    is auto's `model`; the heads do not cut their trees by the cost curve."""
     options = options_class(method)()
     if method == "recycling":
         options.tree = [list(path) for path in RECYCLING_TREE]
     if method == "draft_model" and model is not None:
         options.model = model
     sub_context = replace(
-        context, num_speculative_tokens=None if method == "recycling" else max_nodes
+        context,
+        num_speculative_tokens=None if method == "recycling" else max_nodes,
+        # auto prices the heads' nodes itself, with its measured acceptance
+        cost_model=None if method in HEAD_METHODS else context.cost_model,
     )
     return options, sub_context
 

@@ -20,6 +20,7 @@ row's hidden state: Drafter.observe_prompt), and trains the same way. Drafts are
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from onepass.cost import nodes_worth_sending
 from onepass.draft import DecodeState, Draft, Verdict
 from onepass.drafters.base import Drafter
 from onepass.drafters.medusa import target_of
@@ -73,6 +75,9 @@ class Shared:
     embed: Any  # [n] ids -> [n, H]
     lm_head: Any  # [n, H] -> [n, draft vocab]: the target's LM head rows
     max_len: int
+    cost: Any = None
+    """The target's cost curve t(rows, context): the tree is cut to the nodes whose chances
+    pay for their rows (None: keep max_nodes; auto prices the nodes itself)."""
 
 
 class EagleDrafter(Drafter):
@@ -136,9 +141,9 @@ class EagleDrafter(Drafter):
         if self.last is None or limit <= 0 or state.max_depth <= 0:
             return Draft.empty()
         with torch.inference_mode():
-            return self._grow(limit, min(self.options.depth, state.max_depth))
+            return self._grow(limit, min(self.options.depth, state.max_depth), len(state.tokens))
 
-    def _grow(self, limit: int, depth: int) -> Draft:
+    def _grow(self, limit: int, depth: int, context: int) -> Draft:
         top_k = self.options.top_k
         tokens: list[int] = []
         parents: list[int] = []
@@ -168,6 +173,11 @@ class EagleDrafter(Drafter):
         # Rerank: the best `limit` nodes by path probability (a parent scores at least as high
         # as its child and sorts first on ties, so the kept nodes form a tree).
         kept = sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i]))[:limit]
+        if self.shared.cost is not None:  # a path's probability: its chance of acceptance
+            chances = [math.exp(scores[i]) for i in kept]
+            kept = kept[: nodes_worth_sending(chances, self.shared.cost, context)]
+            if not kept:
+                return Draft.empty()
         kept.sort(key=lambda i: (depths[i], i))  # parents before children
         index = {old: new for new, old in enumerate(kept)}
         tree = Tree(tuple(-1 if parents[i] < 0 else index[parents[i]] for i in kept))
@@ -241,5 +251,6 @@ def build(options: Options, context: DraftContext) -> EagleDrafter:
     backend = context.backend
     lm_head = backend.lm_head_part(head.draft_vocab)
     linears = {name: backend.linear(m.weight, m.bias) for name, m in head.projections().items()}
-    shared = Shared(head, linears, backend.embeddings, lm_head, backend.max_len)
+    cost = context.cost_model() if callable(context.cost_model) else context.cost_model
+    shared = Shared(head, linears, backend.embeddings, lm_head, backend.max_len, cost)
     return EagleDrafter(options, shared, context.num_speculative_tokens or options.max_nodes)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from onepass.cost import nodes_worth_sending
 from onepass.draft import DecodeState, Draft, Verdict
 from onepass.drafters.base import Drafter
 from onepass.errors import InputError
@@ -79,8 +81,13 @@ class Options:
 
 
 class MedusaDrafter(Drafter):
-    def __init__(self, options: Options, heads: MedusaHeads, lm_head: Any, max_nodes: int) -> None:
+    def __init__(
+        self, options: Options, heads: MedusaHeads, lm_head: Any, max_nodes: int, cost: Any = None
+    ) -> None:
         self.options = options
+        # The target's cost curve: the best paths are cut to those whose chances pay for their
+        # rows (None: max_nodes of them; auto prices the nodes itself).
+        self.cost = cost
         self.heads = heads  # shared by every fork, never changed
         # The target's LM head (shared, frozen): [n, H] -> [n, vocab], or [n, V] restricted to
         # the heads' draft vocabulary.
@@ -104,7 +111,7 @@ class MedusaDrafter(Drafter):
         self.probs: list[list[float]] | None = None  # [K][top_k] their probabilities
 
     def fork(self) -> MedusaDrafter:
-        return MedusaDrafter(self.options, self.heads, self.lm_head, self.max_nodes)
+        return MedusaDrafter(self.options, self.heads, self.lm_head, self.max_nodes, self.cost)
 
     def start(self, prompt_ids: Sequence[int]) -> None:
         self.feature = self.candidates = self.probs = None
@@ -116,6 +123,11 @@ class MedusaDrafter(Drafter):
         self._guess()
         paths = self.template[1] if self.template else self._best_paths(limit)  # parents first
         paths = [p for p in paths if len(p) <= state.max_depth][:limit]
+        if self.cost is not None and not self.template:  # best first: a prefix is a tree
+            chances = [math.prod(self.probs[d][r] for d, r in enumerate(p)) for p in paths]
+            paths = paths[: nodes_worth_sending(chances, self.cost, len(state.tokens))]
+            if not paths:
+                return Draft.empty()
         index = {p: i for i, p in enumerate(paths)}
         parents = tuple(index[p[:-1]] if len(p) > 1 else -1 for p in paths)
         tokens = [self.candidates[len(p) - 1][p[-1]] for p in paths]
@@ -197,4 +209,5 @@ def build(options: Options, context: DraftContext) -> MedusaDrafter:
         if int(heads.draft_vocab.max()) >= target.vocab_size:
             raise InputError(f"the medusa heads in {path} name tokens past the vocabulary")
         lm_head = context.backend.lm_head_part(heads.draft_vocab)
-    return MedusaDrafter(options, heads.eval(), lm_head, max_nodes)
+    cost = context.cost_model() if callable(context.cost_model) else context.cost_model
+    return MedusaDrafter(options, heads.eval(), lm_head, max_nodes, cost)

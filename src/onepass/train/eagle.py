@@ -9,9 +9,10 @@ hidden state it has not got. With `unroll` > 1 the loss also unrolls the head (E
 "training-time test"): pass d feeds row t the previous pass's g_{t-1} and attends, as a draft
 row does, to the true rows up to t - d and to its chain's rows of the earlier passes. On the
 default model it gained little for twice the training time (docs/results/heads): not the
-default. The draft vocabulary
-(FR-Spec) is the tokens the target most often predicts over the answers, plus the end-of-turn
-tokens."""
+default.
+
+The draft vocabulary (FR-Spec) is the tokens the target most often predicts over the answers,
+plus the end-of-turn tokens."""
 
 from __future__ import annotations
 
