@@ -47,6 +47,11 @@ class DraftContext:
     model_key: str | None = None
     """The target's content fingerprint: heads trained for another model are refused."""
 
+    def cost_curve(self) -> Any:
+        """The cost curve t(rows, context), or None: `cost_model` may be a function that
+        measures it on first use."""
+        return self.cost_model() if callable(self.cost_model) else self.cost_model
+
 
 def _module(method: str) -> Any:
     return importlib.import_module(f"onepass.drafters.{METHODS[method]}")

@@ -663,5 +663,5 @@ def build(options: Options, context: DraftContext) -> AutoDrafter:
         m: build_drafter(m, *sub_drafter_config(m, max_nodes, context, options.model))
         for m in methods
     }
-    cost = context.cost_model() if callable(context.cost_model) else context.cost_model
+    cost = context.cost_curve()
     return AutoDrafter(options, drafters, cost, max_nodes)

@@ -262,7 +262,7 @@ def build(options: Options, context) -> DraftModelDrafter:
         dtype=target.dtype,
         device=target.device,
     )
-    cost = context.cost_model() if callable(context.cost_model) else context.cost_model
+    cost = context.cost_curve()
     return DraftModelDrafter(
         decoder,
         context.num_speculative_tokens or 4,

@@ -251,6 +251,6 @@ def build(options: Options, context: DraftContext) -> EagleDrafter:
     backend = context.backend
     lm_head = backend.lm_head_part(head.draft_vocab)
     linears = {name: backend.linear(m.weight, m.bias) for name, m in head.projections().items()}
-    cost = context.cost_model() if callable(context.cost_model) else context.cost_model
+    cost = context.cost_curve()
     shared = Shared(head, linears, backend.embeddings, lm_head, backend.max_len, cost)
     return EagleDrafter(options, shared, context.num_speculative_tokens or options.max_nodes)

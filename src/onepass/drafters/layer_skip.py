@@ -194,7 +194,7 @@ def cached_calibration(context: Any, options: Options) -> Calibration:
     backend = context.backend
     if context.tokenizer is None:
         raise InputError("layer_skip's calibration needs the target's tokenizer (or pass layers)")
-    cost = context.cost_model() if callable(context.cost_model) else context.cost_model
+    cost = context.cost_curve()
     if cost is None:
         raise InputError("layer_skip's calibration needs the backend's cost curve (or pass layers)")
     key = calibration_key(backend, context.model_key, options)

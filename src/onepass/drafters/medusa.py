@@ -209,5 +209,5 @@ def build(options: Options, context: DraftContext) -> MedusaDrafter:
         if int(heads.draft_vocab.max()) >= target.vocab_size:
             raise InputError(f"the medusa heads in {path} name tokens past the vocabulary")
         lm_head = context.backend.lm_head_part(heads.draft_vocab)
-    cost = context.cost_model() if callable(context.cost_model) else context.cost_model
+    cost = context.cost_curve()
     return MedusaDrafter(options, heads.eval(), lm_head, max_nodes, cost)
