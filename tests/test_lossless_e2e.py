@@ -13,24 +13,10 @@ from onepass.drafters import METHODS
 pytestmark = pytest.mark.real_model
 
 MAX_TOKENS = 96
-NEEDS_HEADS = {"medusa", "eagle"}  # trained heads for the default model (else: random ones,
-# tests/test_medusa.py and tests/test_eagle.py)
-
-
-def skip_without_heads(llm, method: str) -> None:
-    from onepass.errors import InputError
-    from onepass.heads.files import find_heads, llm_target
-
-    if method in NEEDS_HEADS:
-        try:
-            find_heads(method, llm_target(llm), llm.cache_dir)
-        except InputError:
-            pytest.skip(f"no {method} heads for the default model yet")
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_greedy_identity(llm, method):
-    skip_without_heads(llm, method)
     near_ties = 0
     for kind, text in PROMPTS.items():
         ids = llm.chat_token_ids([{"role": "user", "content": text}])
@@ -53,7 +39,6 @@ def test_sampling_reproducible_and_equal_to_plain_sampling(llm, method):
     seeded speculative run reproduces itself and plain sampling with that seed. Sampled drafts
     go through rejection sampling, exact in distribution (tests/test_draft_model.py) and
     reproducible for a seed, but not the same draws as plain sampling."""
-    skip_without_heads(llm, method)
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=48)
     messages = [{"role": "user", "content": PROMPTS["code_edit"]}]
     spec = {"method": method}
