@@ -402,18 +402,29 @@ def test_onepass_cpu_isa_this_cpu_cannot_run_is_a_one_line_error(clean_isa_choic
         assert "\n" not in str(error.value)
 
 
-def test_neon_sources_compile():
-    """The NEON build, compile-checked with Debian's aarch64 cross compiler (`make test` installs
-    it; without it this fails rather than skips): the sources in parallel, as torch would
-    build them."""
+@pytest.mark.parametrize(
+    "isa, compiler_name, extensions",
+    [
+        ("neon", "aarch64-linux-gnu-g++", ()),
+        ("neon", "aarch64-linux-gnu-g++", ("asimddp",)),
+        ("avx512", "g++", ()),
+    ],
+)
+def test_sources_compile_for_builds_this_machine_does_not_run(isa, compiler_name, extensions):
+    """The NEON build (with and without the dot-product extension), compile-checked with
+    Debian's aarch64 cross compiler (`make test` installs it; without it this fails rather than
+    skips), and the AVX-512 build without VNNI (int8_dot.h's vpmaddubsw path): the sources in
+    parallel, as torch would build them."""
     from torch.utils import cpp_extension
 
-    compiler = shutil.which("aarch64-linux-gnu-g++")
-    assert compiler, "no aarch64-linux-gnu-g++: apt-get install g++-aarch64-linux-gnu"
+    compiler = shutil.which(compiler_name)
+    assert compiler, f"no {compiler_name}: apt-get install g++-aarch64-linux-gnu"
     includes = [f"-isystem{path}" for path in cpp_extension.include_paths()]
-    flags = ["-std=c++20", "-fsyntax-only", *cpu_kernels.compile_flags("neon"), *includes]
+    flags = ["-std=c++20", "-fsyntax-only", *cpu_kernels.compile_flags(isa, extensions)]
     builds = [
-        subprocess.Popen([compiler, *flags, str(source)], stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [compiler, *flags, *includes, str(source)], stderr=subprocess.PIPE, text=True
+        )
         for source in cpu_kernels.SOURCES
     ]
     for source, build in zip(cpu_kernels.SOURCES, builds, strict=True):

@@ -251,6 +251,7 @@ def cached_cost_model(backend: Backend, key: str, cache_dir: Path) -> CostModel:
     ident += f"|kernels {getattr(backend, 'isa', None)}"
     # Weights widened from their stored blocks make extra rows far dearer than float32 ones.
     ident += "|weights stored" if getattr(backend, "stored", False) else ""
+    ident += "|int8" if getattr(backend, "int8", False) else ""
     # A small KV cache clamps the long context: such a curve must not serve a larger cache.
     ident += "|contexts {} {}".format(*measured_contexts(backend))
     path = cache_dir / CURVES_FILE

@@ -73,7 +73,10 @@ class LLM:
         Q5_K, Q6_K — and half-precision tensors, or a Hugging Face directory's bf16 / fp16
         matrices, kept in memory as stored and widened by the CPU kernels: the same logits bit
         for bit as "float32", less memory, faster steps; other formats and devices without the
-        CPU kernels are dequantized) or "float32" (dequantized at load: the reference)."""
+        CPU kernels are dequantized), "float32" (dequantized at load: the reference) or "int8"
+        (as "stored", with Q4_0 / Q4_1 / Q8_0 weights multiplied by 8-bit activations in
+        integer dot products, as llama.cpp does: faster multi-row steps, logits close to but not
+        equal to "float32"; speculative decoding stays exact against plain decoding in it)."""
         if dtype not in _DTYPES:
             raise InputError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
         self.speculative_config = SpeculativeConfig.parse(speculative_config)
@@ -90,6 +93,7 @@ class LLM:
             max_len=self.max_model_len,
             dtype=_DTYPES[dtype],
             device=self.device,
+            int8=weights == "int8",
         )
         self.eos_token_ids = self._eos_token_ids()
         # Drafters by config, least recently used first: a server sees many configs, and a

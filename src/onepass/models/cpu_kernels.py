@@ -35,15 +35,34 @@ SOURCES = [
 ]
 ISAS = ("avx512", "avx2", "neon")  # best first
 NAMES = {"avx512": "AVX-512", "avx2": "AVX2", "neon": "NEON"}
-ISA_FLAGS = {"avx512": ["-mavx512f", "-mfma"], "avx2": ["-mavx2", "-mfma", "-mf16c"], "neon": []}
+ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mfma"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "neon": [],
+}
+# Optional extensions a build uses where the CPU has them (int8_dot.h): AVX-512 VNNI's vpdpbusd,
+# ARM's sdot; named by their /proc/cpuinfo flag. Builds with and without are kept apart.
+EXTENSIONS = {
+    "avx512": {"avx512_vnni": "-mavx512vnni"},
+    "neon": {"asimddp": "-march=armv8.2-a+dotprod"},
+}
 # OpenMP: at::parallel_for is inline. No floating-point contraction: the kernels' only FMAs are
 # the explicit ones (simd.h). Hidden symbols: builds for two ISAs define the same C++ names.
 COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden"]
 
 
-def compile_flags(isa: str) -> list[str]:
-    """The compiler flags of the build for `isa` (besides torch's own)."""
-    return [*COMMON_FLAGS, *ISA_FLAGS[isa], f"-DONEPASS_OPS={namespace(isa)}"]
+def compile_flags(isa: str, extensions: tuple[str, ...] | None = None) -> list[str]:
+    """The compiler flags of the build for `isa` (besides torch's own), with `extensions` (of
+    EXTENSIONS[isa]; None: those this CPU has)."""
+    chosen = machine_extensions(isa) if extensions is None else extensions
+    extra = [EXTENSIONS[isa][name] for name in chosen]
+    return [*COMMON_FLAGS, *ISA_FLAGS[isa], *extra, f"-DONEPASS_OPS={namespace(isa)}"]
+
+
+def machine_extensions(isa: str) -> tuple[str, ...]:
+    """The optional extensions of `isa` this CPU has (EXTENSIONS)."""
+    flags = _cpu_flags()
+    return tuple(name for name in EXTENSIONS.get(isa, {}) if name in flags)
 
 
 def namespace(isa: str) -> str:
@@ -52,7 +71,8 @@ def namespace(isa: str) -> str:
 
 
 def build_directory(isa: str) -> Path:
-    return default_cache_dir() / "kernels" / f"torch-{torch.__version__}" / isa
+    name = "-".join((isa, *machine_extensions(isa)))
+    return default_cache_dir() / "kernels" / f"torch-{torch.__version__}" / name
 
 
 @functools.cache
@@ -67,7 +87,7 @@ def machine_isas() -> tuple[str, ...]:
     capability = torch.backends.cpu.get_cpu_capability()
     flags = _cpu_flags()
     isas = []
-    if capability == "AVX512" or {"avx512f", "fma"} <= flags:
+    if {"avx512f", "avx512bw", "fma"} <= flags or (capability == "AVX512" and not flags):
         isas.append("avx512")
     if capability in ("AVX2", "AVX512") or {"avx2", "fma"} <= flags:
         isas.append("avx2")
@@ -80,7 +100,7 @@ def _cpu_flags() -> set[str]:
     except OSError:
         return set()
     for line in text.splitlines():
-        if line.startswith("flags"):
+        if line.startswith(("flags", "Features")):  # x86, aarch64
             return set(line.partition(":")[2].split())
     return set()
 

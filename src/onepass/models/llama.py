@@ -42,7 +42,7 @@ from onepass.models.layer_stack import (
     scripted_decoder_layers,
 )
 from onepass.models.stored import StoredTensor, dequantized, packable
-from onepass.models.stored import pack as pack_stored
+from onepass.models.stored import pack as pack_parts
 
 # Rows of a prompt the fused decoder prefills per call, each chunk causal after the cache the
 # chunks before it wrote. The size changes no result (rows are independent), only the speed:
@@ -169,12 +169,13 @@ def stored_layer_linears(
     prefix: str,
     config: ModelConfig,
     kernels: Any,
+    int8: bool = False,
 ) -> list[tuple[Tensor, Tensor | None, Tensor | None, int]]:
     """(packed weight, bias, column scale, output features) of a layer's four projections for
     the fused decoder, as layer_linears builds them, from weights of which some are
     StoredTensor. A projection whose parts are all stored in one format keeps its blocks
     (stored_pack), the RMSNorm weight before it as its column scale; any other is dequantized,
-    folded and packed as fp32 tiles."""
+    folded and packed as fp32 tiles. int8: packed for the int8 arithmetic where it applies."""
 
     def get(name: str) -> Tensor | StoredTensor | None:
         return w.get(f"{prefix}.{name}")
@@ -207,7 +208,7 @@ def stored_layer_linears(
     for parts, b, scale in groups:
         rows = sum(p.shape[0] for p in parts)
         if packable(parts):
-            out.append((pack_stored(kernels, parts), b, scale, rows))
+            out.append((pack_parts(kernels, parts, int8), b, scale, rows))
         else:
             weight = torch.cat([dequantized(p) for p in parts])
             weight = weight if scale is None else weight * scale
@@ -229,11 +230,13 @@ class NativeDecoder:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         isa: str | None = None,
+        int8: bool = False,
     ) -> None:
         """isa: the CPU kernels' instruction set (cpu_kernels.ISAS, or "none" for the layer
         stack); None: cpu_kernels.selected_isa(). Used on CPU in float32 only. weights may hold
         models.stored.StoredTensor values: the fused decoder keeps those in their blocks
-        (`self.stored`); without it they are dequantized, to the same values."""
+        (`self.stored`); without it they are dequantized, to the same values. int8: stored
+        Q4_0 / Q4_1 / Q8_0 weights are multiplied in the int8 arithmetic (int8_formats.h)."""
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -252,6 +255,7 @@ class NativeDecoder:
         self.stored = self.kernels is not None and any(
             isinstance(v, StoredTensor) for v in weights.values()
         )
+        self.int8 = int8 and self.stored
         w = {
             k: v if self.stored and isinstance(v, StoredTensor) else dequantized(v)
             for k, v in weights.items()
@@ -263,12 +267,12 @@ class NativeDecoder:
         self.vocab_rows = embed.shape[0]
         # A stored embedding is looked up by widening its rows (stored_rows): embed is None.
         stored_embed = isinstance(embed, StoredTensor)
-        self.embed_packed = pack_stored(self.kernels, [embed]) if stored_embed else None
+        self.embed_packed = self._pack([embed]) if stored_embed else None
         self.embed = None if stored_embed else embed
         lm_head = embed if config.tie_word_embeddings else w["lm_head.weight"]
         self.lm_head_stored = lm_head if isinstance(lm_head, StoredTensor) else None
         if isinstance(lm_head, StoredTensor):
-            packed = self.embed_packed if lm_head is embed else pack_stored(self.kernels, [lm_head])
+            packed = self.embed_packed if lm_head is embed else self._pack([lm_head])
             self.lm_head = StoredLinear(packed, lm_head.shape[0], self.kernels)
         else:
             self.lm_head = Linear(lm_head, None, self.gemm, self.kernels)
@@ -276,7 +280,9 @@ class NativeDecoder:
         layers = [f"model.layers.{i}" for i in range(config.num_layers)]
         if self.stored:  # the fused decoder reads only the packed weights
             stored = [
-                t for layer in layers for t in stored_layer_linears(w, layer, config, self.kernels)
+                t
+                for layer in layers
+                for t in stored_layer_linears(w, layer, config, self.kernels, self.int8)
             ]
             self.packed, self.biases, self.scales, self.out_features = map(
                 list, zip(*stored, strict=True)
@@ -541,11 +547,14 @@ class NativeDecoder:
             source = self.lm_head_stored
             rows = source.rows[ids.cpu().numpy()]
             part = StoredTensor(source.raw, source.ggml_type, source.columns, rows)
-            return StoredLinear(pack_stored(self.kernels, [part]), len(ids), self.kernels)
+            return StoredLinear(self._pack([part]), len(ids), self.kernels)
         with torch.inference_mode():  # x = I gives W^T exactly, however the head is kept
             eye = torch.eye(self.config.hidden_size, dtype=self.dtype, device=self.device)
             rows = self.lm_head(eye).T[ids.to(self.device)]
         return self.linear(rows)
+
+    def _pack(self, parts: list[StoredTensor]) -> Tensor:
+        return pack_parts(self.kernels, parts, self.int8)
 
     def embeddings(self, ids: Tensor) -> Tensor:
         """[n] -> [n, hidden]: the input embeddings of token ids (an EAGLE head reads them)."""

@@ -69,14 +69,17 @@ def default_model_path() -> Path:
     return Path(found[0])
 
 
-WEIGHTS = ("stored", "float32")
+WEIGHTS = ("stored", "float32", "int8")
 DEFAULT_WEIGHTS = "stored"  # a fifth of the bytes per step, the same logits bit for bit
 """How the weights are held: "float32", a GGUF dequantized to float32 (converted once into the
 cache) and a Hugging Face directory's tensors as its files store them (converted to float32 by
 the decoder); or "stored": a GGUF's quantized (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)
 and half-precision tensors, and a Hugging Face directory's bf16 / fp16 matrices, left as stored
 in the memory-mapped files (models/stored.py) for the CPU kernels to widen in registers, to the
-same values."""
+same values; or "int8": held as "stored", but Q4_0, Q4_1 and Q8_0 weights multiplied by
+activations quantized to 8 bits per block of 32, with integer dot products (llama.cpp's
+arithmetic, int8_formats.h): cheaper rows, logits close to but not equal to the float32
+reference's; speculation stays exact against plain decoding in this arithmetic."""
 
 
 def load_model(spec: str, cache_dir: Path | None = None, weights: str = "float32") -> LoadedModel:
@@ -96,10 +99,10 @@ def load_model(spec: str, cache_dir: Path | None = None, weights: str = "float32
                 "Hugging Face model directory (nothing is downloaded)"
             )
     if path.is_dir():
-        return _load_hf_dir(path, name, stored=weights == "stored")
+        return _load_hf_dir(path, name, stored=weights in ("stored", "int8"))
     if path.suffix != ".gguf":
         raise ModelLoadError(f"{path}: expected a .gguf file or a model directory")
-    if weights == "stored":
+    if weights in ("stored", "int8"):
         return _load_gguf_stored(path, name, cache_dir or default_cache_dir())
     return _load_gguf_cached(path, name, cache_dir or default_cache_dir())
 

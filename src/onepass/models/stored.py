@@ -31,6 +31,8 @@ from onepass.models.gguf import hf_name, open_gguf, undo_rope_permutation
 # GGML type ids the kernels widen (gguf.GGMLQuantizationType).
 F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
 SUPPORTED_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16)
+# Those the int8 arithmetic multiplies with integer dot products (the others widen to float32).
+INT8_TYPES = (Q4_0, Q4_1, Q8_0)
 
 
 @dataclass(frozen=True)
@@ -70,13 +72,14 @@ class StoredTensor:
 MAX_RUNS = 6
 
 
-def pack(kernels: Any, parts: Sequence[StoredTensor]) -> torch.Tensor:
+def pack(kernels: Any, parts: Sequence[StoredTensor], int8: bool = False) -> torch.Tensor:
     """The rows of `parts` (one width, any supported types: e.g. a Q4_K q and k and a Q6_K v),
-    one after another, in the layout of the ISA's stored GEMM (kernels: cpu_kernels.ops())."""
+    one after another, in the layout of the ISA's stored GEMM (kernels: cpu_kernels.ops()).
+    int8: parts in INT8_TYPES are multiplied in the int8 arithmetic (int8_formats.h)."""
     if not packable(parts):
         kinds = [(p.ggml_type, p.shape) if isinstance(p, StoredTensor) else p for p in parts]
         raise ValueError(f"not one stored weight (one width, at most {MAX_RUNS} runs): {kinds}")
-    return kernels.stored_pack([p.blocks() for p in parts], [p.ggml_type for p in parts])
+    return kernels.stored_pack([p.blocks() for p in parts], [p.ggml_type for p in parts], int8)
 
 
 def packable(parts: Sequence[Any]) -> bool:

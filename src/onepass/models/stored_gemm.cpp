@@ -26,6 +26,7 @@
 #include <utility>
 #include <vector>
 
+#include "int8_formats.h"
 #include "small_gemm.h"
 #include "stored_formats.h"
 #include "stored_gemm.h"
@@ -36,6 +37,7 @@ using namespace onepass::simd;
 using onepass::kTile;
 using onepass::kTileRegisters;
 namespace stored = onepass::stored;
+namespace int8 = onepass::int8;
 
 constexpr int64_t kLineBytes = 64;  // a cache line
 
@@ -180,12 +182,167 @@ struct Kernel {
   }
 };
 
+// ---- The int8 arithmetic (int8_formats.h) -----------------------------------------------------
+
+// Rows of activations quantized per block of 32 values: q [M][K], and per row and block the
+// scale d, d * sum(q) (s) and sum(q).
+struct Quantized {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  std::vector<int32_t> sum;
+  int64_t K = 0, blocks = 0;
+};
+
+// One block of 32 values of x (times the column scale g, if given): xq, and returns xd. Every
+// step is exact or one IEEE rounding (the product by g, the scale's two divisions, the product
+// by 1 / xd), and max is exact in any order, so each ISA gives the same bytes.
+float quantize_block(const float* x, const float* g, int8_t* q, int32_t& sum) {
+  constexpr int kVecs = int8::kBlockValues / kLanes;
+  Vec v[kVecs], amax = zero();
+  for (int i = 0; i < kVecs; i++) {
+    v[i] = loadu(x + i * kLanes);
+    if (g != nullptr) v[i] = mul(v[i], loadu(g + i * kLanes));
+    amax = max(amax, max(v[i], sub(zero(), v[i])));
+  }
+  const float d = reduce_max(amax) / 127.0f, inverse = d != 0.0f ? 1.0f / d : 0.0f;
+  float lanes[int8::kBlockValues];
+  for (int i = 0; i < kVecs; i++) {
+    const Vec r = round(mul(v[i], set1(inverse)));
+    storeu(lanes + i * kLanes, min(max(r, set1(-127.0f)), set1(127.0f)));
+  }
+  sum = 0;
+  for (int j = 0; j < int8::kBlockValues; j++) {
+    q[j] = lanes[j] == lanes[j] ? static_cast<int8_t>(lanes[j]) : 0;  // NaN: 0
+    sum += q[j];
+  }
+  return d;
+}
+
+Quantized quantize_rows(const float* x, int64_t M, int64_t K, const float* g) {
+  TORCH_CHECK(K % int8::kBlockValues == 0, "int8 weights need rows of a multiple of 32 values");
+  Quantized out;
+  out.K = K, out.blocks = K / int8::kBlockValues;
+  out.q.resize(M * K), out.d.resize(M * out.blocks), out.s.resize(M * out.blocks);
+  out.sum.resize(M * out.blocks);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      for (int64_t b = 0; b < out.blocks; b++) {
+        const int64_t i = r * out.blocks + b, k = b * int8::kBlockValues;
+        out.d[i] = quantize_block(x + r * K + k, g ? g + k : nullptr, out.q.data() + r * K + k, out.sum[i]);
+        out.s[i] = out.d[i] * static_cast<float>(out.sum[i]);
+      }
+    }
+  });
+  return out;
+}
+
+// Rows r0 .. r0 + R of the quantized activations times `blocks` packed blocks of a tile from
+// block b0 of k on, accumulated into y (row stride ldy) as int8_formats.h states.
+template <class F, int R>
+void int8_block(const Quantized& x, int64_t r0, int64_t b0, const uint8_t* w, float* y,
+                int64_t ldy, int64_t cols, int64_t blocks, bool first, int64_t ahead) {
+  constexpr int T = kTileRegisters;
+  Vec acc[R][T];
+  for (int r = 0; r < R; r++) {
+    for (int i = 0; i < T; i++) acc[r][i] = first ? zero() : load_n(y + r * ldy + i * kLanes, cols - i * kLanes);
+  }
+  for (int64_t b = 0; b < blocks; b++) {
+    const uint8_t* s = w + b * F::kBytes;
+    if (ahead > 0) {
+      for (int64_t o = 0; o < F::kBytes; o += kLineBytes) {
+        prefetch_l1(s + ahead + o);
+        prefetch_l2(s + 2 * ahead + o);
+      }
+    }
+    const uint8_t* quants = s + F::kScaleBytes;
+    const int64_t kb = b0 + b;
+    IVec sums[R][T];
+    for (int r = 0; r < R; r++) {
+      for (int i = 0; i < T; i++) sums[r][i] = izero();
+    }
+    for (int64_t g = 0; g < F::kQuads; g++) {
+      BVec lo[T], hi[T];
+      for (int i = 0; i < T; i++) {
+        const BVec raw = load_bytes(quants + (i * F::kQuads + g) * int8::kQuadBytes);
+        if constexpr (F::kIsSigned) {
+          lo[i] = raw;
+        } else {
+          lo[i] = low_nibbles(raw), hi[i] = high_nibbles(raw);
+        }
+      }
+      for (int r = 0; r < R; r++) {
+        const int8_t* xr = x.q.data() + (r0 + r) * x.K + kb * int8::kBlockValues + 4 * g;
+        const BVec xl = broadcast4(xr);
+        for (int i = 0; i < T; i++) {
+          if constexpr (F::kIsSigned) {
+            sums[r][i] = dot_s(sums[r][i], lo[i], xl);
+          } else {
+            sums[r][i] = dot_u(dot_u(sums[r][i], lo[i], xl), hi[i], broadcast4(xr + 16));
+          }
+        }
+      }
+    }
+    Vec d[T], m[T];
+    stored::load_halves(s, d);
+    if constexpr (F::kHasMin) stored::load_halves(s + 2 * kTile, m);
+    for (int r = 0; r < R; r++) {
+      const int64_t i_row = (r0 + r) * x.blocks + kb;
+      const Vec xd = set1(x.d[i_row]);
+      for (int i = 0; i < T; i++) {
+        IVec total = sums[r][i];
+        if constexpr (F::kQuantOffset != 0) total = sub(total, F::kQuantOffset * x.sum[i_row]);
+        acc[r][i] = fmadd(mul(d[i], xd), to_float(total), acc[r][i]);
+        if constexpr (F::kHasMin) acc[r][i] = fmadd(m[i], set1(x.s[i_row]), acc[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    for (int i = 0; i < T; i++) store_n(y + r * ldy + i * kLanes, acc[r][i], cols - i * kLanes);
+  }
+}
+
+template <class F>
+struct Int8Kernel {
+  // Rows per block: per row kTileRegisters accumulators and as many integer sums, besides a
+  // quad's weight registers (two per tile register) and the broadcast activations: AVX-512 and
+  // NEON 3, AVX2 1.
+  static constexpr int kMaxRows = std::max<int>(1, (kRegisters - 6) / (4 * kTileRegisters));
+  static constexpr int64_t kChunkBlocks = std::max<int64_t>(1, 16384 / F::kBytes);
+
+  using Fn = void (*)(const Quantized&, int64_t, int64_t, const uint8_t*, float*, int64_t,
+                      int64_t, int64_t, bool, int64_t);
+  template <int... I>
+  static constexpr std::array<Fn, sizeof...(I)> table(std::integer_sequence<int, I...>) {
+    return {int8_block<F, I + 1>...};
+  }
+  static constexpr auto kBlocks = table(std::make_integer_sequence<int, kMaxRows>{});
+
+  static void tile(const Quantized& x, int64_t M, const uint8_t* packed, float* y, int64_t ldy,
+                   int64_t cols) {
+    const int64_t nb = x.blocks, ahead = kChunkBlocks * F::kBytes;
+    for (int64_t b0 = 0; b0 < nb; b0 += kChunkBlocks) {
+      const int64_t bc = std::min(kChunkBlocks, nb - b0);
+      for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
+        const int64_t rows = std::min<int64_t>(kMaxRows, M - r0);
+        kBlocks[rows - 1](x, r0, b0, packed + b0 * F::kBytes, y + r0 * ldy, ldy, cols, bc,
+                          b0 == 0, r0 == 0 ? ahead : 0);
+      }
+    }
+  }
+};
+
+// Calls fn(F{}) with the format (float32-widened or int8 layout) of type id `type`.
+template <class Fn>
+bool with_any_format(int64_t type, Fn&& fn) {
+  return stored::with_format(type, fn) || int8::with_format(type, fn);
+}
+
 // The bytes of one tile of a part in format `type` for rows of K values.
 int64_t tile_bytes(int64_t type, int64_t K) {
   int64_t bytes = 0;
-  stored::with_format(type, [&](auto f) {
+  with_any_format(type, [&](auto f) {
     using F = decltype(f);
-    bytes = Kernel<F>::blocks(K) * F::kBytes;
+    bytes = (K + F::kValues - 1) / F::kValues * F::kBytes;
   });
   return bytes;
 }
@@ -197,10 +354,16 @@ namespace onepass {
 bool is_stored(const at::Tensor& packed) { return header_of(packed).has_value(); }
 
 // parts: GGUF tensors' rows, uint8 [rows_i][bytes per row] (blocks of a quantized type, or 16-bit
-// values), of GGML types `types` and one row length K. Returns the packed weight whose output
+// values), of GGML types `types_in` and one row length K. Returns the packed weight whose output
 // columns are the parts' rows, one after another; consecutive parts of one type share tiles.
-at::Tensor stored_pack(const std::vector<at::Tensor>& parts_in, const std::vector<int64_t>& types) {
-  TORCH_CHECK(!parts_in.empty() && parts_in.size() == types.size(), "one type per part");
+// int8: parts in Q4_0, Q4_1 or Q8_0 take the int8 arithmetic's layout (int8_formats.h).
+at::Tensor stored_pack(const std::vector<at::Tensor>& parts_in, const std::vector<int64_t>& types_in,
+                       bool int8) {
+  TORCH_CHECK(!parts_in.empty() && parts_in.size() == types_in.size(), "one type per part");
+  std::vector<int64_t> types = types_in;
+  if (int8) {
+    for (auto& type : types) type += int8::has_layout(type) ? int8::kTypeOffset : 0;
+  }
   std::vector<at::Tensor> parts;
   int64_t K = -1;
   for (size_t i = 0; i < parts_in.size(); i++) {
@@ -208,12 +371,12 @@ at::Tensor stored_pack(const std::vector<at::Tensor>& parts_in, const std::vecto
     TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == at::kByte && raw.device().is_cpu(),
                 "raw blocks must be 2-D uint8 CPU tensors");
     int64_t k = -1;
-    const bool known = stored::with_format(types[i], [&](auto f) {
+    const bool known = with_any_format(types[i], [&](auto f) {
       using F = decltype(f);
       TORCH_CHECK(raw.size(1) % F::kGGUFBytes == 0, "a raw row is not a whole number of blocks");
       k = raw.size(1) / F::kGGUFBytes * F::kGGUFValues;
     });
-    TORCH_CHECK(known, "stored weights: GGML type ", types[i], " is not supported (Q4_0 = 2, ",
+    TORCH_CHECK(known, "stored weights: GGML type ", types_in[i], " is not supported (Q4_0 = 2, ",
                 "Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, ",
                 "F16 = 1, BF16 = 30)");
     TORCH_CHECK(K < 0 || k == K, "parts of different row lengths: ", K, " and ", k);
@@ -253,9 +416,9 @@ at::Tensor stored_pack(const std::vector<at::Tensor>& parts_in, const std::vecto
   for (int64_t p = 0; p < h.parts; p++) {
     const Part part = h.part[p];
     const auto& src = rows[p];
-    stored::with_format(part.type, [&](auto f) {
+    with_any_format(part.type, [&](auto f) {
       using F = decltype(f);
-      const int64_t nb = Kernel<F>::blocks(K), tiles = (part.columns + kTile - 1) / kTile;
+      const int64_t nb = (K + F::kValues - 1) / F::kValues, tiles = (part.columns + kTile - 1) / kTile;
       at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; t++) {
           for (int64_t b = 0; b < nb; b++) {
@@ -284,22 +447,36 @@ void stored_gemm_into(const at::Tensor& x, const at::Tensor& packed,
     g = scale->data_ptr<float>();
   }
   if (M == 0) return;
+  // The operands a tile reads: x (float32 parts) or its quantization (int8 parts, made once).
+  struct Input {
+    const float* x;
+    int64_t M, K;
+    const float* g;
+    Quantized q;
+  };
+  Input in{x.data_ptr<float>(), M, K, g, {}};
   // Each part's tiles and how to run one; threads split the tiles of all parts.
-  using TileFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*, float*,
-                          int64_t, int64_t);
+  using TileFn = void (*)(const Input&, const uint8_t*, float*, int64_t, int64_t);
   std::array<TileFn, kMaxParts> run{};
   std::array<int64_t, kMaxParts + 1> first_tile{};
   std::array<int64_t, kMaxParts> bytes{};
+  bool quantize = false;
   for (int64_t p = 0; p < h.parts; p++) {
     stored::with_format(h.part[p].type, [&](auto f) {
-      using F = decltype(f);
-      run[p] = Kernel<F>::tile;
+      run[p] = [](const Input& in, const uint8_t* w, float* y, int64_t ldy, int64_t cols) {
+        Kernel<decltype(f)>::tile(in.x, in.M, in.K, w, in.g, y, ldy, cols);
+      };
+    });
+    quantize |= int8::with_format(h.part[p].type, [&](auto f) {
+      run[p] = [](const Input& in, const uint8_t* w, float* y, int64_t ldy, int64_t cols) {
+        Int8Kernel<decltype(f)>::tile(in.q, in.M, w, y, ldy, cols);
+      };
     });
     bytes[p] = tile_bytes(h.part[p].type, K);
     first_tile[p + 1] = first_tile[p] + (h.part[p].columns + kTile - 1) / kTile;
   }
+  if (quantize) in.q = quantize_rows(in.x, M, K, g);
   const auto* wp = packed.data_ptr<uint8_t>();
-  const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, first_tile[h.parts], 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; t++) {
@@ -307,7 +484,7 @@ void stored_gemm_into(const at::Tensor& x, const at::Tensor& packed,
       while (t >= first_tile[p + 1]) p++;
       const Part& part = h.part[p];
       const int64_t i = t - first_tile[p], cols = std::min(kTile, part.columns - i * kTile);
-      run[p](xp, M, K, wp + part.offset + i * bytes[p], g, yp + part.first + i * kTile, N, cols);
+      run[p](in, wp + part.offset + i * bytes[p], yp + part.first + i * kTile, N, cols);
     }
   });
 }
@@ -348,6 +525,14 @@ void each_weight(const at::Tensor& packed, const Header& h, const std::vector<in
         visit(static_cast<int64_t>(i), k, lanes[c]);
       });
     });
+    int8::with_format(part.type, [&](auto f) {  // the same values, one at a time
+      using F = decltype(f);
+      const uint8_t* tile = wp + part.offset + t * tile_bytes(part.type, h.K);
+      for (int64_t k = 0; k < h.K; k++) {
+        const float v = F::value(tile + k / F::kValues * F::kBytes, k % F::kValues, c);
+        visit(static_cast<int64_t>(i), k, g ? v * g[k] : v);
+      }
+    });
   }
 }
 
@@ -383,7 +568,8 @@ at::Tensor stored_rows(const at::Tensor& packed, const at::Tensor& ids_in, int64
 }  // namespace onepass
 
 TORCH_LIBRARY_FRAGMENT(ONEPASS_OPS, m) {
-  m.def("stored_pack(Tensor[] parts, int[] ggml_types) -> Tensor", onepass::stored_pack);
+  m.def("stored_pack(Tensor[] parts, int[] ggml_types, bool int8=False) -> Tensor",
+        onepass::stored_pack);
   m.def("stored_gemm(Tensor x, Tensor packed, Tensor? scale, int n) -> Tensor",
         onepass::stored_gemm);
   m.def("stored_unpack(Tensor packed, Tensor? scale, int n) -> Tensor", onepass::stored_unpack);
