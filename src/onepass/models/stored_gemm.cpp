@@ -303,10 +303,11 @@ void int8_block(const Quantized& x, int64_t r0, int64_t b0, const uint8_t* w, fl
 
 template <class F>
 struct Int8Kernel {
-  // Rows per block: per row kTileRegisters accumulators and as many integer sums, besides a
-  // quad's weight registers (two per tile register) and the broadcast activations: AVX-512 and
-  // NEON 3, AVX2 1.
-  static constexpr int kMaxRows = std::max<int>(1, (kRegisters - 6) / (4 * kTileRegisters));
+  // Rows per block: per row kTileRegisters accumulators and as many integer sums, a quarter of
+  // the registers (AVX-512 and NEON 4 rows, AVX2 2), the rest left to a quad's weights, the
+  // broadcast activations and the scales, which the compiler may spill from L1 (one row more
+  // or less measured the same).
+  static constexpr int kMaxRows = kRegisters / (4 * kTileRegisters);
   static constexpr int64_t kChunkBlocks = std::max<int64_t>(1, 16384 / F::kBytes);
 
   using Fn = void (*)(const Quantized&, int64_t, int64_t, const uint8_t*, float*, int64_t,
