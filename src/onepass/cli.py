@@ -51,7 +51,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         choices=WEIGHTS,
         help="kept as stored (GGUF Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16; "
         "bf16 / fp16 safetensors) and widened in the CPU kernels, or dequantized to float32 at "
-        "load (the reference): the same output; stored takes less memory and faster steps "
+        "load (the reference): the same output; stored takes less memory and faster steps. "
+        "int8: as stored, but Q4_0 / Q4_1 / Q8_0 weights multiplied by 8-bit activations "
+        "(llama.cpp's arithmetic): faster still, logits close to but not equal to the others' "
         "(default: %(default)s)",
     )
     g.add_argument(

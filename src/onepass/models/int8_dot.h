@@ -8,6 +8,10 @@
 //   NEON                sdot where the CPU has the dot-product extension, else widening products
 // Signed weights (Q8_0) on x86 multiply |w| by x carrying w's sign, as vpmaddubsw needs an
 // unsigned operand: |w| <= 128 and |x| <= 127 keep each int16 pair sum below 2^15.
+// 4-bit weights sum a block's products in a PVec first (nibble_dot, widen_pairs): on x86 without
+// VNNI, vpmaddubsw's int16 pair sums added in int16 (a pair is at most 2 * 15 * 127 = 3810, and
+// a block adds 8 of them per lane, 30480 < 2^15), widened to int32 once per block; elsewhere the
+// PVec is the IVec itself.
 #pragma once
 
 #include <cstdint>
@@ -46,6 +50,21 @@ inline IVec dot_u(IVec acc, BVec w, BVec x) {
   return {_mm512_add_epi32(acc.v, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))};
 #endif
 }
+#if defined(__AVX512VNNI__)
+using PVec = IVec;
+inline PVec pzero() { return izero(); }
+inline PVec nibble_dot(PVec acc, BVec w, BVec x) { return dot_u(acc, w, x); }
+inline IVec widen_pairs(PVec a) { return a; }
+#else
+struct PVec {
+  __m512i v;
+};
+inline PVec pzero() { return {_mm512_setzero_si512()}; }
+inline PVec nibble_dot(PVec acc, BVec w, BVec x) {
+  return {_mm512_add_epi16(acc.v, _mm512_maddubs_epi16(w.v, x.v))};
+}
+inline IVec widen_pairs(PVec a) { return {_mm512_madd_epi16(a.v, _mm512_set1_epi16(1))}; }
+#endif
 // w signed (s8), x signed (|x| <= 127).
 inline IVec dot_s(IVec acc, BVec w, BVec x) {
   const __mmask64 negative = _mm512_movepi8_mask(w.v);
@@ -79,6 +98,14 @@ inline IVec dot_u(IVec acc, BVec w, BVec x) {
 inline IVec dot_s(IVec acc, BVec w, BVec x) {
   return dot_u(acc, {_mm256_sign_epi8(w.v, w.v)}, {_mm256_sign_epi8(x.v, w.v)});
 }
+struct PVec {
+  __m256i v;
+};
+inline PVec pzero() { return {_mm256_setzero_si256()}; }
+inline PVec nibble_dot(PVec acc, BVec w, BVec x) {
+  return {_mm256_add_epi16(acc.v, _mm256_maddubs_epi16(w.v, x.v))};
+}
+inline IVec widen_pairs(PVec a) { return {_mm256_madd_epi16(a.v, _mm256_set1_epi16(1))}; }
 
 #elif ONEPASS_SIMD_NEON
 
@@ -108,6 +135,10 @@ inline IVec dot_s(IVec acc, BVec w, BVec x) {
 #endif
 }
 inline IVec dot_u(IVec acc, BVec w, BVec x) { return dot_s(acc, w, x); }
+using PVec = IVec;
+inline PVec pzero() { return izero(); }
+inline PVec nibble_dot(PVec acc, BVec w, BVec x) { return dot_s(acc, w, x); }
+inline IVec widen_pairs(PVec a) { return a; }
 
 #endif
 

@@ -257,8 +257,9 @@ void int8_block(const Quantized& x, int64_t r0, int64_t b0, const uint8_t* w, fl
     const uint8_t* quants = s + F::kScaleBytes;
     const int64_t kb = b0 + b;
     IVec sums[R][T];
+    PVec pairs[R][T];
     for (int r = 0; r < R; r++) {
-      for (int i = 0; i < T; i++) sums[r][i] = izero();
+      for (int i = 0; i < T; i++) sums[r][i] = izero(), pairs[r][i] = pzero();
     }
     for (int64_t g = 0; g < F::kQuads; g++) {
       BVec lo[T], hi[T];
@@ -277,7 +278,7 @@ void int8_block(const Quantized& x, int64_t r0, int64_t b0, const uint8_t* w, fl
           if constexpr (F::kIsSigned) {
             sums[r][i] = dot_s(sums[r][i], lo[i], xl);
           } else {
-            sums[r][i] = dot_u(dot_u(sums[r][i], lo[i], xl), hi[i], broadcast4(xr + 16));
+            pairs[r][i] = nibble_dot(nibble_dot(pairs[r][i], lo[i], xl), hi[i], broadcast4(xr + 16));
           }
         }
       }
@@ -289,7 +290,12 @@ void int8_block(const Quantized& x, int64_t r0, int64_t b0, const uint8_t* w, fl
       const int64_t i_row = (r0 + r) * x.blocks + kb;
       const Vec xd = set1(x.d[i_row]);
       for (int i = 0; i < T; i++) {
-        IVec total = sums[r][i];
+        IVec total;
+        if constexpr (F::kIsSigned) {
+          total = sums[r][i];
+        } else {
+          total = widen_pairs(pairs[r][i]);
+        }
         if constexpr (F::kQuantOffset != 0) total = sub(total, F::kQuantOffset * x.sum[i_row]);
         acc[r][i] = fmadd(mul(d[i], xd), to_float(total), acc[r][i]);
         if constexpr (F::kHasMin) acc[r][i] = fmadd(m[i], set1(x.s[i_row]), acc[r][i]);
