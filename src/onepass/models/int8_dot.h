@@ -40,6 +40,12 @@ inline BVec broadcast4(const int8_t* p) {
   std::memcpy(&word, p, 4);
   return {_mm512_set1_epi32(word)};
 }
+// 32 integral float values (in [-127, 127]) from 32 / kLanes registers as int8.
+inline void store_i8(int8_t* p, const Vec* v) {
+  for (int i = 0; i < 2; i++) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 16 * i), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v[i].v)));
+  }
+}
 inline IVec izero() { return {_mm512_setzero_si512()}; }
 // w unsigned (u8), x signed (s8, |x| <= 127).
 inline IVec dot_u(IVec acc, BVec w, BVec x) {
@@ -90,6 +96,14 @@ inline BVec broadcast4(const int8_t* p) {
   std::memcpy(&word, p, 4);
   return {_mm256_set1_epi32(word)};
 }
+inline void store_i8(int8_t* p, const Vec* v) {
+  const __m256i ab = _mm256_packs_epi32(_mm256_cvtps_epi32(v[0].v), _mm256_cvtps_epi32(v[1].v));
+  const __m256i cd = _mm256_packs_epi32(_mm256_cvtps_epi32(v[2].v), _mm256_cvtps_epi32(v[3].v));
+  // Per 128-bit half, 4-byte groups of v0, v1, v2, v3 (low half: lanes 0-3, high: 4-7).
+  const __m256i bytes = _mm256_packs_epi16(ab, cd);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permutevar8x32_epi32(bytes, order));
+}
 inline IVec izero() { return {_mm256_setzero_si256()}; }
 inline IVec dot_u(IVec acc, BVec w, BVec x) {
   const __m256i pairs = _mm256_maddubs_epi16(w.v, x.v);
@@ -121,6 +135,14 @@ inline BVec broadcast4(const int8_t* p) {
   int32_t word;
   std::memcpy(&word, p, 4);
   return {vreinterpretq_s8_s32(vdupq_n_s32(word))};
+}
+inline void store_i8(int8_t* p, const Vec* v) {
+  int16x8_t h[4];
+  for (int i = 0; i < 4; i++) {
+    h[i] = vcombine_s16(vqmovn_s32(vcvtnq_s32_f32(v[2 * i].v)), vqmovn_s32(vcvtnq_s32_f32(v[2 * i + 1].v)));
+  }
+  vst1q_s8(p, vcombine_s8(vqmovn_s16(h[0]), vqmovn_s16(h[1])));
+  vst1q_s8(p + 16, vcombine_s8(vqmovn_s16(h[2]), vqmovn_s16(h[3])));
 }
 inline IVec izero() { return {vdupq_n_u32(0)}; }
 // Both operands signed here: the nibbles (0..15) are valid int8.

@@ -205,16 +205,13 @@ float quantize_block(const float* x, const float* g, int8_t* q, int32_t& sum) {
     amax = max(amax, max(v[i], sub(zero(), v[i])));
   }
   const float d = reduce_max(amax) / 127.0f, inverse = d != 0.0f ? 1.0f / d : 0.0f;
-  float lanes[int8::kBlockValues];
+  Vec total = zero();
   for (int i = 0; i < kVecs; i++) {
-    const Vec r = round(mul(v[i], set1(inverse)));
-    storeu(lanes + i * kLanes, min(max(r, set1(-127.0f)), set1(127.0f)));
+    v[i] = min(max(round(mul(v[i], set1(inverse))), set1(-127.0f)), set1(127.0f));
+    total = add(total, v[i]);  // integers below 2^12: exact in any order
   }
-  sum = 0;
-  for (int j = 0; j < int8::kBlockValues; j++) {
-    q[j] = lanes[j] == lanes[j] ? static_cast<int8_t>(lanes[j]) : 0;  // NaN: 0
-    sum += q[j];
-  }
+  store_i8(q, v);
+  sum = static_cast<int32_t>(reduce_add(total));
   return d;
 }
 
