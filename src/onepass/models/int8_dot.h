@@ -61,6 +61,10 @@ using PVec = IVec;
 inline PVec pzero() { return izero(); }
 inline PVec nibble_dot(PVec acc, BVec w, BVec x) { return dot_u(acc, w, x); }
 inline IVec widen_pairs(PVec a) { return a; }
+// Whether signed 8-bit weights are stored offset by 128 (as the u8 w + 128): with vpdpbusd a
+// product by x is then one instruction, and the block's sum less 128 * sum(x) is the same
+// integer (int8_formats.h).
+constexpr bool kOffsetSigned = true;
 #else
 struct PVec {
   __m512i v;
@@ -70,6 +74,7 @@ inline PVec nibble_dot(PVec acc, BVec w, BVec x) {
   return {_mm512_add_epi16(acc.v, _mm512_maddubs_epi16(w.v, x.v))};
 }
 inline IVec widen_pairs(PVec a) { return {_mm512_madd_epi16(a.v, _mm512_set1_epi16(1))}; }
+constexpr bool kOffsetSigned = false;
 #endif
 // w signed (s8), x signed (|x| <= 127).
 inline IVec dot_s(IVec acc, BVec w, BVec x) {
@@ -120,6 +125,7 @@ inline PVec nibble_dot(PVec acc, BVec w, BVec x) {
   return {_mm256_add_epi16(acc.v, _mm256_maddubs_epi16(w.v, x.v))};
 }
 inline IVec widen_pairs(PVec a) { return {_mm256_madd_epi16(a.v, _mm256_set1_epi16(1))}; }
+constexpr bool kOffsetSigned = false;
 
 #elif ONEPASS_SIMD_NEON
 
@@ -161,6 +167,7 @@ using PVec = IVec;
 inline PVec pzero() { return izero(); }
 inline PVec nibble_dot(PVec acc, BVec w, BVec x) { return dot_s(acc, w, x); }
 inline IVec widen_pairs(PVec a) { return a; }
+constexpr bool kOffsetSigned = false;
 
 #endif
 

@@ -272,7 +272,9 @@ void int8_block(const Quantized& x, int64_t r0, int64_t b0, const uint8_t* w, fl
         const int8_t* xr = x.q.data() + (r0 + r) * x.K + kb * int8::kBlockValues + 4 * g;
         const BVec xl = broadcast4(xr);
         for (int i = 0; i < T; i++) {
-          if constexpr (F::kIsSigned) {
+          if constexpr (F::kOffsetQuants) {
+            sums[r][i] = dot_u(sums[r][i], lo[i], xl);
+          } else if constexpr (F::kIsSigned) {
             sums[r][i] = dot_s(sums[r][i], lo[i], xl);
           } else {
             pairs[r][i] = nibble_dot(nibble_dot(pairs[r][i], lo[i], xl), hi[i], broadcast4(xr + 16));
