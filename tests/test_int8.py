@@ -7,6 +7,11 @@ decoding in this arithmetic."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -110,6 +115,43 @@ def test_every_isa_computes_the_same_bits():
     ]
     for isa, y in zip(isas[1:], results[1:], strict=True):
         assert torch.equal(bits(y), bits(results[0])), isa
+
+
+# Run in a process whose builds leave out the optional extensions (VNNI): the paths of CPUs
+# without them (vpmaddubsw, int16 pair sums, signed Q8_0 quants), which this CPU can also run.
+WITHOUT_EXTENSIONS = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_int8 import FORMATS, inputs, sample
+from onepass.models import cpu_kernels
+from onepass.models.stored import pack
+ops = cpu_kernels.ops({isa!r})
+results = {{}}
+for name, ggml_type in FORMATS.items():
+    t = sample(ggml_type)
+    x, scale = inputs(t.columns)
+    results[name] = ops.stored_gemm(x, pack(ops, [t], int8=True), scale, 75)
+torch.save(results, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize(
+    "isa", [isa for isa in cpu_kernels.machine_isas() if cpu_kernels.EXTENSIONS.get(isa)]
+)
+def test_builds_without_the_optional_extensions_compute_the_same_bits(isa, tmp_path):
+    """ONEPASS_CPU_EXTENSIONS=none: the reference's bits, as with the extensions."""
+    out = tmp_path / "results.pt"
+    script = WITHOUT_EXTENSIONS.format(tests=str(Path(__file__).parent), isa=isa)
+    env = {**os.environ, "ONEPASS_CPU_EXTENSIONS": "none"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = torch.load(out)
+    for name, ggml_type in FORMATS.items():
+        t = sample(ggml_type)
+        x, scale = inputs(t.columns)
+        assert torch.equal(bits(results[name]), bits(reference(x, t, scale))), name
 
 
 @each_isa

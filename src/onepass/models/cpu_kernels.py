@@ -8,9 +8,12 @@ loaded as ops in a namespace of their own per ISA (`torch.ops.onepass_avx2.decod
 so that builds for several ISAs can be loaded in one process: the tests run every ISA this
 machine can. `ops()` gives the ops the backend uses: those of the best ISA this CPU runs, or of
 the one the environment variable ONEPASS_CPU_ISA names (avx512, avx2, neon; none: no kernels);
-ONEPASS_CPU_KERNELS=0 disables them. Where they cannot be used (no supported ISA, not float32
-on CPU, no compiler) the native backend runs its TorchScript layer stack with MKL's GEMM: same
-model, slower steps, and rows of a multi-row forward that may round differently from one row.
+ONEPASS_CPU_KERNELS=0 disables them. A build uses the optional extensions of its ISA the CPU
+has (AVX-512 VNNI, AVX-VNNI, ARM's dot product: int8_dot.h), in a directory of its own
+(kernels/torch-<version>/<isa>-<extensions>/); ONEPASS_CPU_EXTENSIONS=none builds without.
+Where they cannot be used (no supported ISA, not float32 on CPU, no compiler) the native
+backend runs its TorchScript layer stack with MKL's GEMM: same model, slower steps, and rows of
+a multi-row forward that may round differently from one row.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ ISA_FLAGS = {
 # ARM's sdot; named by their /proc/cpuinfo flag. Builds with and without are kept apart.
 EXTENSIONS = {
     "avx512": {"avx512_vnni": "-mavx512vnni"},
+    "avx2": {"avx_vnni": "-mavxvnni"},
     "neon": {"asimddp": "-march=armv8.2-a+dotprod"},
 }
 # OpenMP: at::parallel_for is inline. No floating-point contraction: the kernels' only FMAs are
@@ -60,7 +64,10 @@ def compile_flags(isa: str, extensions: tuple[str, ...] | None = None) -> list[s
 
 
 def machine_extensions(isa: str) -> tuple[str, ...]:
-    """The optional extensions of `isa` this CPU has (EXTENSIONS)."""
+    """The optional extensions of `isa` the build uses (EXTENSIONS): those this CPU has, none
+    with ONEPASS_CPU_EXTENSIONS=none (how the tests run the paths of CPUs without them)."""
+    if os.environ.get("ONEPASS_CPU_EXTENSIONS", "").strip().lower() == "none":
+        return ()
     flags = _cpu_flags()
     return tuple(name for name in EXTENSIONS.get(isa, {}) if name in flags)
 

@@ -110,12 +110,17 @@ inline void store_i8(int8_t* p, const Vec* v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permutevar8x32_epi32(bytes, order));
 }
 inline IVec izero() { return {_mm256_setzero_si256()}; }
+#if defined(__AVXVNNI__)  // AVX-VNNI (Intel client chips since Alder Lake, Zen 5): vpdpbusd
+inline IVec dot_u(IVec acc, BVec w, BVec x) { return {_mm256_dpbusd_avx_epi32(acc.v, w.v, x.v)}; }
+using PVec = IVec;
+inline PVec pzero() { return izero(); }
+inline PVec nibble_dot(PVec acc, BVec w, BVec x) { return dot_u(acc, w, x); }
+inline IVec widen_pairs(PVec a) { return a; }
+constexpr bool kOffsetSigned = true;
+#else
 inline IVec dot_u(IVec acc, BVec w, BVec x) {
   const __m256i pairs = _mm256_maddubs_epi16(w.v, x.v);
   return {_mm256_add_epi32(acc.v, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))};
-}
-inline IVec dot_s(IVec acc, BVec w, BVec x) {
-  return dot_u(acc, {_mm256_sign_epi8(w.v, w.v)}, {_mm256_sign_epi8(x.v, w.v)});
 }
 struct PVec {
   __m256i v;
@@ -126,6 +131,10 @@ inline PVec nibble_dot(PVec acc, BVec w, BVec x) {
 }
 inline IVec widen_pairs(PVec a) { return {_mm256_madd_epi16(a.v, _mm256_set1_epi16(1))}; }
 constexpr bool kOffsetSigned = false;
+#endif
+inline IVec dot_s(IVec acc, BVec w, BVec x) {
+  return dot_u(acc, {_mm256_sign_epi8(w.v, w.v)}, {_mm256_sign_epi8(x.v, w.v)});
+}
 
 #elif ONEPASS_SIMD_NEON
 
