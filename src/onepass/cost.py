@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from onepass.cache import CURVES_FILE, read_entries, store_entry
+from onepass.models import cpu_kernels
 from onepass.models.base import Backend
 
 SIZES = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 17, 20, 24, 32, 48, 64)
@@ -247,8 +248,10 @@ def cached_cost_model(backend: Backend, key: str, cache_dir: Path) -> CostModel:
     backend_id = f"{type(backend).__name__}-{getattr(backend, 'revision', 0)}"
     ident = f"{key}|{backend_id}|{platform.processor() or platform.machine()}|{torch.__version__}"
     ident += f"|{torch.get_num_threads()}|{getattr(backend, 'dtype', '')}"
-    # The CPU kernels' ISA: a build forced to AVX2 on an AVX-512 CPU has a curve of its own.
-    ident += f"|kernels {getattr(backend, 'isa', None)}"
+    # The CPU kernels' build: a build forced to AVX2 on an AVX-512 CPU, one with or without an
+    # extension (VNNI), and every change to the kernels' sources have curves of their own.
+    isa = getattr(backend, "isa", None)
+    ident += f"|kernels {cpu_kernels.build_id(isa) if isa else None}"
     # Weights widened from their stored blocks make extra rows far dearer than float32 ones.
     ident += "|weights stored" if getattr(backend, "stored", False) else ""
     ident += "|int8" if getattr(backend, "int8", False) else ""

@@ -19,6 +19,7 @@ a multi-row forward that may round differently from one row.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import shutil
@@ -75,6 +76,18 @@ def machine_extensions(isa: str) -> tuple[str, ...]:
 def namespace(isa: str) -> str:
     """The torch.ops namespace of the build for `isa`."""
     return f"onepass_{isa}"
+
+
+@functools.cache
+def build_id(isa: str) -> str:
+    """The build for `isa` as it runs here: its extensions and a digest of the kernels'
+    sources, so that what is measured on a build (cost curves) is measured again after any
+    change to it."""
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.glob("*.[ch]*")):
+        if source.suffix in (".cpp", ".h"):
+            digest.update(source.read_bytes())
+    return "-".join((isa, *machine_extensions(isa), digest.hexdigest()[:12]))
 
 
 def build_directory(isa: str) -> Path:
