@@ -10,6 +10,11 @@ from hypothesis import strategies as st
 from onepass.cost import CostModel, LiveCost
 from onepass.draft import NODE_CLASSES, BatchShare, DecodeState, Draft, Verdict
 from onepass.drafters.auto import (
+    GATE_MAX_PAUSE,
+    GATE_PLAIN_STEPS,
+    GATE_PROBE,
+    GATE_REMEASURE,
+    GATE_WARMUP,
     MAX_SKIP,
     RUN_BOUNDS,
     RUN_PRIORS,
@@ -20,6 +25,7 @@ from onepass.drafters.auto import (
     NodeStats,
     Options,
     Pace,
+    RateGate,
     predicted,
     run_state,
     slots,
@@ -309,8 +315,51 @@ def test_a_request_whose_drafting_does_not_pay_its_time_pauses_it():
     auto.start([1, 2, 3])  # a new request starts without a pause of its own ...
     auto.learned.batch_pace = Pace()  # ... (what the batch learned is shared: see below)
     assert proposals(auto, counting, 1) == [0]
-    auto.start([1, 2, 3])  # alone, a request does not pause (its wins are bursty)
-    assert proposals(auto, counting, 12, accept=3, batch=None) == list(range(12))
+    auto.start([1, 2, 3])  # alone, Pace does not pause it (its wins are bursty): the clock
+    # does (RateGate), and here no token is ever emitted, so plain decoding's rate stays
+    # unmeasured after the warm-up
+    assert proposals(auto, counting, 12, accept=3, batch=None) == list(range(GATE_WARMUP))
+
+
+def gate_steps(gate: RateGate, steps: int, draft_ms: float, plain_ms: float) -> list[bool]:
+    """Each step's choice, one token per plain step and two per drafting step, each taking
+    the given milliseconds per token."""
+    now, emitted, chosen = 0.0, 0, []
+    for _ in range(steps):
+        drafting = gate.drafts(now, emitted)
+        chosen.append(drafting)
+        tokens = 2 if drafting else 1
+        emitted += tokens
+        now += tokens * (draft_ms if drafting else plain_ms) / 1000
+    return chosen
+
+
+def test_the_rate_gate_pauses_drafting_that_is_slower_by_the_clock():
+    """Drafting at 3 ms a token against plain decoding's 2: after the warm-up and a sample of
+    plain decoding, drafting pauses for 1, 2, 4, ... steps (up to GATE_MAX_PAUSE), with
+    GATE_PROBE drafting steps between pauses to measure it again."""
+    chosen = gate_steps(RateGate(), 400, draft_ms=3.0, plain_ms=2.0)
+    first = GATE_WARMUP + GATE_PLAIN_STEPS
+    assert chosen[:first] == [True] * GATE_WARMUP + [False] * GATE_PLAIN_STEPS
+    assert sum(chosen[200:]) < 0.25 * 200  # mostly plain decoding
+    pauses, run = [], 0
+    for c in chosen[first:]:
+        if not c:
+            run += 1
+        elif run:
+            pauses.append(run)
+            run = 0
+    assert max(pauses) <= GATE_MAX_PAUSE + GATE_PLAIN_STEPS
+    assert pauses[:3] == sorted(pauses[:3])
+
+
+def test_the_rate_gate_keeps_drafting_that_pays():
+    """Drafting at 1 ms a token against 2: it drafts every step except plain decoding's
+    samples (GATE_PLAIN_STEPS every GATE_REMEASURE steps)."""
+    steps = 4 * GATE_REMEASURE
+    chosen = gate_steps(RateGate(), steps, draft_ms=1.0, plain_ms=2.0)
+    assert steps - sum(chosen) <= GATE_PLAIN_STEPS * (steps // GATE_REMEASURE + 1)
+    assert all(chosen[:GATE_WARMUP]) and GATE_PROBE <= GATE_WARMUP
 
 
 def test_what_the_batch_learned_pauses_a_new_request_in_a_shared_forward():

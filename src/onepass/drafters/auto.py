@@ -32,10 +32,12 @@ request pauses it, for 1, 2, 4, ... steps while it keeps not paying, and its occ
 proposals meanwhile are probes: scored against the emitted tokens, their rows never sent. The
 outcomes of all requests in shared forwards are also weighed together (Learned.batch_pace):
 while they do not pay, every request's proposals there are probes, one per so many proposals
-of the batch. A request alone does not pause (there a copy's win is bursty and large against
-a few percent of drafting). A drafter whose nodes are not worth its time (they duplicate
-cheaper ones', or are rarely right) pauses alone. So auto spends rows, and drafting time,
-where they pay.
+of the batch. A request alone is not paused by these estimates (there a copy's win is
+bursty and large against a few percent of drafting) but by the clock (RateGate): where its
+steps with drafting give fewer tokens per second than its steps without, as measured, it drafts
+less and less often, which matters where a step is short and the Python around it is not.
+A drafter whose nodes are not worth its time (they duplicate cheaper ones', or are rarely
+right) pauses alone. So auto spends rows, and drafting time, where they pay.
 
 When other requests share the forward (continuous batching, DecodeState.batch), a row costs
 what it adds to the whole forward and pays in the whole forward's tokens: the step scores the
@@ -77,6 +79,13 @@ MAX_SKIP = 8  # longest pause in proposing (steps) once drafting stopped paying 
 # every request of a large batch probing): then pauses grow until it does not.
 PROBE_SHARE = 0.02
 PACE_DECAY = 0.95  # weight of the past in what proposing has been worth (per proposal)
+# RateGate: a lone request's measured tokens per second with and without drafting.
+GATE_DECAY = 0.9  # weight of the past per step
+GATE_WARMUP = 8  # steps drafted before plain decoding's rate is first sampled
+GATE_PLAIN_STEPS = 3  # steps per sample of plain decoding's rate
+GATE_REMEASURE = 64  # steps between samples
+GATE_PROBE = 4  # drafting steps measured before drafting is judged again
+GATE_MAX_PAUSE = 32
 MAX_PENDING = 64  # proposals awaiting enough emitted tokens to be scored, per drafter
 DEPTHS = 8  # nodes from this depth on share their estimates
 RUN_BOUNDS = (1, 4)  # a drafter's record: 0 | 1-3 | 4+ emitted tokens in a row it predicted
@@ -420,6 +429,63 @@ class Pace:
 
 
 @dataclass
+class RateGate:
+    """A request alone drafts only while drafting gives it more tokens per second than plain
+    decoding, as measured: the wall time from one proposal to the next (the forward, the
+    verification and the drafting) over the tokens emitted, a decaying sum for steps with
+    drafting and one for steps without. Pace prices proposals by the cost curve's estimate;
+    where a step is short (weights as stored or int8: 3 ms) the Python around the forward that
+    the estimate leaves out decides, and only the clock sees it. Plain decoding's rate is
+    sampled (GATE_PLAIN_STEPS steps) after GATE_WARMUP steps and every GATE_REMEASURE steps
+    (the context grows); while drafting's is the slower, drafting pauses for 2, 4, ... steps
+    (at most GATE_MAX_PAUSE), then runs GATE_PROBE steps to be measured again."""
+
+    seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])  # [plain, drafting]
+    tokens: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    last: tuple[float, int, bool] | None = None  # the previous proposal: time, tokens, drafted
+    steps: int = 0
+    pause: int = 0  # steps left without drafting
+    drafted: int = 0  # drafting steps since the last judgment
+    backoff: int = 1
+
+    def rate(self, drafting: bool) -> float:
+        """Seconds per emitted token."""
+        return self.seconds[drafting] / self.tokens[drafting]
+
+    def drafts(self, now: float, emitted: int) -> bool:
+        """Whether this step drafts, given the time and the number of tokens so far."""
+        if self.last is not None:
+            then, before, drafted = self.last
+            if emitted > before:
+                decay = GATE_DECAY
+                self.seconds[drafted] = decay * self.seconds[drafted] + now - then
+                self.tokens[drafted] = decay * self.tokens[drafted] + emitted - before
+        self.steps += 1
+        drafting = self._choose()
+        self.last = (now, emitted, drafting)
+        return drafting
+
+    def _choose(self) -> bool:
+        if self.pause:
+            self.pause -= 1
+            return False
+        if self.steps > GATE_WARMUP and (
+            not self.tokens[False] or self.steps % GATE_REMEASURE == 0
+        ):
+            self.pause = GATE_PLAIN_STEPS - 1
+            return False
+        if self.tokens[False] and self.tokens[True] and self.drafted >= GATE_PROBE:
+            self.drafted = 0
+            if self.rate(True) > self.rate(False):
+                self.pause = self.backoff - 1
+                self.backoff = min(GATE_MAX_PAUSE, 2 * self.backoff)
+                return False
+            self.backoff = 2
+        self.drafted += 1
+        return True
+
+
+@dataclass
 class Candidate:
     """One drafter within a request: its own drafter (a fork), and its record in this request."""
 
@@ -466,6 +532,7 @@ class AutoDrafter(Drafter):
         # Whether this request's drafting pays for its time: in a large batch, where drafts win
         # little, it pauses proposing (and so its cost) for a while.
         self.pace = Pace()
+        self.gate = RateGate()  # alone: whether drafting pays, by the clock
         self.drafting: float | None = 0.0  # this step's drafting seconds (None: it paused)
         self.plain_rate = 1.0  # the proposal's forward without its draft: tokens per second
         self.added_time = 0.0  # seconds the draft's rows added to it
@@ -488,6 +555,7 @@ class AutoDrafter(Drafter):
             c.pending.clear()
             c.run, c.latest, c.pace = 0, None, Pace()
         self.pace = Pace()
+        self.gate = RateGate()
         self.probes.clear()
 
     def finish(self) -> None:
@@ -497,8 +565,9 @@ class AutoDrafter(Drafter):
     def propose(self, state: DecodeState) -> Draft:
         self.tokens = state.tokens
         # Alone, a step's drafting is a few percent of its forward and the wins are bursty
-        # (a copy pays many steps' drafting at once): the request paces its drafting only
-        # where it shares the forward, and each drafter its own proposing everywhere.
+        # (a copy pays many steps' drafting at once): the request paces its drafting by the
+        # estimates only where it shares the forward (alone, by the clock: RateGate), and each
+        # drafter its own proposing everywhere.
         batched = state.batch is not None
         # Drafting in shared forwards is also paced for all requests together: each
         # request's record is short and bursty, the batch's together say sooner whether
@@ -509,6 +578,9 @@ class AutoDrafter(Drafter):
         self.batch_rows = 1 + (state.batch.rows if batched else 0)
         # Both pauses count down (a list, not a short-circuiting any of a generator).
         if batched and any([pace.paused() for pace in (self.pace, shared) if pace is not None]):
+            self.drafting = None
+            return Draft.empty()
+        if not batched and not self.gate.drafts(time.perf_counter(), len(state.tokens)):
             self.drafting = None
             return Draft.empty()
         started = time.perf_counter()
