@@ -11,6 +11,11 @@
 // RMSNorm weights g folded into a projection (llama.py: W * g, one rounding per weight) come
 // along as a column scale: the widened weight is multiplied by g[k], the same rounding.
 //
+// The int8 arithmetic (weights="int8", int8_formats.h) is a second kernel here: Q4_0, Q4_1 and
+// Q8_0 parts packed for it multiply rows of activations quantized once per call (times the
+// column scale) with integer dot products (int8_dot.h); other parts of the same weight widen
+// as above. Its results are not small_gemm's, but a row still depends on nothing else.
+//
 // A packed weight (stored_pack) is one uint8 tensor: a header, then its parts, each a run of
 // output columns in one format (a projection may concatenate tensors stored differently, as
 // Q4_K_M files store attn_v in Q6_K beside a Q4_K attn_q). A part is [tiles][blocks][kBytes]:
