@@ -26,6 +26,7 @@
 
 #include "int8_dot.h"
 #include "small_gemm.h"
+#include "stored_formats.h"
 
 namespace onepass::int8 {
 
@@ -119,12 +120,7 @@ inline bool has_layout(int64_t type) { return type == 2 || type == 3 || type == 
 // Calls fn(F{}) with the int8 format whose (pseudo) type id is `type`; false if there is none.
 template <class Fn>
 bool with_format(int64_t type, Fn&& fn) {
-  auto one = [&](auto format) {
-    if (decltype(format)::kType != type) return false;
-    fn(format);
-    return true;
-  };
-  return one(Q4_0{}) || one(Q4_1{}) || one(Q8_0{});
+  return stored::with_one_of<Q4_0, Q4_1, Q8_0>(type, fn);
 }
 
 }  // namespace onepass::int8

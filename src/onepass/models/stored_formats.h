@@ -419,16 +419,16 @@ struct Half {
 using F16 = Half<1, false>;
 using BF16 = Half<30, true>;
 
+// Calls fn(F{}) with the one of Formats whose kType is `type`; false if there is none.
+template <class... Formats, class Fn>
+bool with_one_of(int64_t type, Fn&& fn) {
+  return ((Formats::kType == type ? (fn(Formats{}), true) : false) || ...);
+}
+
 // Calls fn(F{}) with the format F whose GGML type id is `type`; false if there is none.
 template <class Fn>
 bool with_format(int64_t type, Fn&& fn) {
-  auto one = [&](auto format) {
-    if (decltype(format)::kType != type) return false;
-    fn(format);
-    return true;
-  };
-  return one(Q4_0{}) || one(Q4_1{}) || one(Q5_0{}) || one(Q5_1{}) || one(Q8_0{}) ||
-         one(Q4_K{}) || one(Q5_K{}) || one(Q6_K{}) || one(F16{}) || one(BF16{});
+  return with_one_of<Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16>(type, fn);
 }
 
 }  // namespace onepass::stored

@@ -87,6 +87,14 @@ Header checked_header(const at::Tensor& packed, int64_t N) {
 
 // ---- The kernel -------------------------------------------------------------------------------
 
+// Fetches the `bytes` at s + ahead toward L1, and twice as far on toward L2.
+inline void prefetch_ahead(const uint8_t* s, int64_t bytes, int64_t ahead) {
+  for (int64_t o = 0; o < bytes; o += kLineBytes) {
+    prefetch_l1(s + ahead + o);
+    prefetch_l2(s + 2 * ahead + o);
+  }
+}
+
 // Rows x[0..R) (row stride ldx) times `blocks` packed blocks of a tile, holding `values` values of
 // k (fewer than blocks * kValues only at the end of a half-precision row), accumulated into
 // y[0..R)[0..cols) (row stride ldy); g: the column scales of these values or null. first: start
@@ -103,12 +111,7 @@ void block(const float* x, int64_t ldx, const uint8_t* w, const float* g, float*
   }
   for (int64_t b = 0; b < blocks; b++) {
     const uint8_t* s = w + b * F::kBytes;
-    if (ahead > 0) {
-      for (int64_t o = 0; o < F::kBytes; o += kLineBytes) {
-        prefetch_l1(s + ahead + o);
-        prefetch_l2(s + 2 * ahead + o);
-      }
-    }
+    if (ahead > 0) prefetch_ahead(s, F::kBytes, ahead);
     for (int64_t k0 = b * F::kValues; k0 < (b + 1) * F::kValues && k0 < values; k0 += F::kGroupValues) {
       const auto group = F::group(s, (k0 - b * F::kValues) / F::kGroupValues);
       const int64_t rows = std::min(F::kGroupValues, values - k0);
@@ -250,12 +253,7 @@ void int8_block(const Quantized& x, int64_t r0, int64_t b0, const uint8_t* w, fl
   }
   for (int64_t b = 0; b < blocks; b++) {
     const uint8_t* s = w + b * F::kBytes;
-    if (ahead > 0) {
-      for (int64_t o = 0; o < F::kBytes; o += kLineBytes) {
-        prefetch_l1(s + ahead + o);
-        prefetch_l2(s + 2 * ahead + o);
-      }
-    }
+    if (ahead > 0) prefetch_ahead(s, F::kBytes, ahead);
     const uint8_t* quants = s + F::kScaleBytes;
     const int64_t kb = b0 + b;
     IVec sums[R][T];
