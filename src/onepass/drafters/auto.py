@@ -85,7 +85,7 @@ GATE_WARMUP = 8  # steps drafted before plain decoding's rate is first sampled
 GATE_PLAIN_STEPS = 3  # steps per sample of plain decoding's rate
 GATE_REMEASURE = 64  # steps between samples
 GATE_PROBE = 4  # drafting steps measured before drafting is judged again
-GATE_MAX_PAUSE = 32
+GATE_MAX_PAUSE = 32  # longest pause (steps)
 MAX_PENDING = 64  # proposals awaiting enough emitted tokens to be scored, per drafter
 DEPTHS = 8  # nodes from this depth on share their estimates
 RUN_BOUNDS = (1, 4)  # a drafter's record: 0 | 1-3 | 4+ emitted tokens in a row it predicted
@@ -437,8 +437,9 @@ class RateGate:
     where a step is short (weights as stored or int8: 3 ms) the Python around the forward that
     the estimate leaves out decides, and only the clock sees it. Plain decoding's rate is
     sampled (GATE_PLAIN_STEPS steps) after GATE_WARMUP steps and every GATE_REMEASURE steps
-    (the context grows); while drafting's is the slower, drafting pauses for 2, 4, ... steps
-    (at most GATE_MAX_PAUSE), then runs GATE_PROBE steps to be measured again."""
+    (the context grows); while drafting's is the slower, drafting pauses for 1, 2, 4, ... steps
+    (at most GATE_MAX_PAUSE; from 2 again once it paid), then runs GATE_PROBE steps to be
+    measured again."""
 
     seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])  # [plain, drafting]
     tokens: list[float] = field(default_factory=lambda: [0.0, 0.0])
@@ -457,9 +458,8 @@ class RateGate:
         if self.last is not None:
             then, before, drafted = self.last
             if emitted > before:
-                decay = GATE_DECAY
-                self.seconds[drafted] = decay * self.seconds[drafted] + now - then
-                self.tokens[drafted] = decay * self.tokens[drafted] + emitted - before
+                self.seconds[drafted] = GATE_DECAY * self.seconds[drafted] + now - then
+                self.tokens[drafted] = GATE_DECAY * self.tokens[drafted] + emitted - before
         self.steps += 1
         drafting = self._choose()
         self.last = (now, emitted, drafting)
