@@ -74,6 +74,27 @@ def test_cost_is_linear_in_rows_and_context():
     assert CostModel.from_dict(old)(3, 1000) == 1.5
 
 
+def test_a_context_below_the_short_one_costs_the_short_curve():
+    """Extrapolating down a long curve much steeper than the short one (a noisy measurement)
+    once priced rows below zero, and drafts looked free."""
+    curve = CostModel((1, 64), (0.003, 0.05), 256, (0.012, 0.14), 1024)
+    assert curve(300, 0) == curve(300, 100) == curve(300) > 0
+
+
+def test_prompt_forwards_do_not_rescale_the_live_curve(llm):
+    """A prompt chunk's rows skip the LM head: they cost less than the curve's forwards, and
+    must not teach it that rows are cheap."""
+    from onepass import SamplingParams
+
+    live = llm._live_cost_model()
+    before = list(live.ratios)
+    request = llm.request("Count: one, two, three,", SamplingParams(max_tokens=2))
+    llm.step([request])  # the prompt, in one chunk
+    assert live.ratios == before
+    llm.step([request])  # a decoding step
+    assert live.ratios != before
+
+
 def test_curve_is_cached_per_backend_revision(tmp_path):
     backend = SleepyBackend()
     first = cached_cost_model(backend, "m", tmp_path)

@@ -48,9 +48,11 @@ class CostModel:
     def __call__(self, rows: int, context: int | None = None) -> float:
         """Seconds for `rows` after `context` committed tokens (None = the short context):
         linear in rows between measured sizes and in the context between the two contexts
-        (extrapolated past the largest size and the long context, as attention is linear)."""
+        (extrapolated past the largest size and the long context, as attention is linear;
+        a context below the short one costs the short curve: extrapolating down a long curve
+        steeper than the short one, as a noisy measurement can make it, went below zero)."""
         short = _interpolate(self.sizes, self.seconds, rows)
-        if context is None or self.long_seconds is None:
+        if context is None or self.long_seconds is None or context <= self.context:
             return short
         long = _interpolate(self.sizes, self.long_seconds, rows)
         return short + (long - short) * (context - self.context) / (

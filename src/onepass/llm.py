@@ -245,13 +245,15 @@ class LLM:
     def _forward(self, pairs: list[tuple[Any, Rows]]) -> list[Any]:
         """Score these (decoder, rows): one request on the LLM's own decoder, or forks in one
         shared forward. Its time rescales the live curve (once a drafter has asked for it) at
-        its rows and mean committed context."""
+        its rows and mean committed context, if every row computed its logits as the curve's
+        forwards do: a prompt chunk's rows skip the LM head, and such forwards had taught the
+        curve that rows past its largest size cost far less than they do."""
         started = time.perf_counter()
         if len(pairs) == 1 and pairs[0][0] is self.backend:
             outs = [self.backend.run(pairs[0][1])]
         else:
             outs = self.backend.run_batch(pairs)
-        if self._live_cost is not None:
+        if self._live_cost is not None and all(r.logits == "all" for _, r in pairs):
             seconds = time.perf_counter() - started
             rows = sum(r.ids.shape[0] for _, r in pairs)
             context = sum(d.cache_len * r.ids.shape[0] for d, r in pairs) // rows
