@@ -17,7 +17,7 @@ from collections import deque
 
 from onepass import LLM, SamplingParams
 from onepass.bench.questions import answer_lengths, distinct_prompts, load_questions
-from onepass.models.loading import DEFAULT_WEIGHTS, WEIGHTS
+from onepass.models.loading import DEFAULT_WEIGHTS, KV_CACHE_DTYPES, WEIGHTS
 
 
 def run(llm: LLM, prompts: list[str], spec: dict | None, batch: int, lengths: list[int]) -> dict:
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--batch", default="1,8,16", help="requests side by side")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--weights", default=DEFAULT_WEIGHTS, choices=WEIGHTS)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     parser.add_argument(
         "--max-tokens", default="64", help="each answer's max_tokens: N, or LO-HI (seeded)"
     )
@@ -83,7 +84,7 @@ def main() -> None:
         parser.error(f"--requests must be in 1..{len(distinct)} (the distinct prompts)")
     prompts = distinct[: args.requests]
     lengths = answer_lengths(args.max_tokens, len(prompts))
-    llm = LLM("default", weights=args.weights)
+    llm = LLM("default", weights=args.weights, kv_cache_dtype=args.kv_cache_dtype)
     run(llm, prompts[:2], None, 2, [8, 8])  # warm-up
     for batch in (int(b) for b in args.batch.split(",")):
         for spec in (None, {"method": "auto"}):

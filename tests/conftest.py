@@ -35,6 +35,8 @@ def kernel_isas() -> list[str]:
 
 # Parametrizes a test over kernel_isas() as `isa`; skipped where there is none.
 each_isa = pytest.mark.parametrize("isa", kernel_isas())
+# The fused decoder's KV cache: float32, or float16 (rounded once when written).
+each_kv_dtype = pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 
 
 def tiny_config(architecture: str = "llama", **overrides) -> ModelConfig:
@@ -59,14 +61,16 @@ def tiny_pair(
     max_len: int = 128,
     seed: int = 0,
     isa: str | None = None,
+    kv_dtype: torch.dtype | None = None,
     **overrides,
 ):
     """(native decoder, transformers model) sharing the same random weights. isa: the CPU
-    kernels' (NativeDecoder's argument; the fused decoder needs head_dim 64 or 128)."""
+    kernels' (NativeDecoder's argument; the fused decoder needs head_dim 64 or 128); kv_dtype:
+    its KV cache's."""
     config = tiny_config(architecture, **overrides)
     model = hf_model(config, seed)
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return NativeDecoder(config, weights, max_len=max_len, isa=isa), model
+    return NativeDecoder(config, weights, max_len=max_len, isa=isa, kv_dtype=kv_dtype), model
 
 
 def default_reference():

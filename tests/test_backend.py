@@ -13,6 +13,7 @@ import torch
 from conftest import (
     default_reference,
     each_isa,
+    each_kv_dtype,
     hf_model,
     kernel_isas,
     tiny_config,
@@ -285,15 +286,16 @@ def test_fused_decoder_matches_transformers(isa, arch, overrides):
 
 
 @each_isa
+@each_kv_dtype
 @pytest.mark.parametrize(
     ("arch", "overrides"),
     [("llama", {}), ("llama", {"head_dim": 128}), ("mistral", {"sliding_window": 4})],
 )
-def test_fused_tree_rows_equal_plain_decoding_bit_for_bit(isa, arch, overrides):
+def test_fused_tree_rows_equal_plain_decoding_bit_for_bit(isa, kv_dtype, arch, overrides):
     """The fused decoder's row independence: each row of a tree forward has exactly the logits
     plain decoding (one token per forward) gives at the end of that row's path, with a sliding
-    window cutting into the cache and into the tree too."""
-    native, _ = tiny_pair(arch, isa=isa, **{**FUSED, **overrides})
+    window cutting into the cache and into the tree too; with either KV cache dtype."""
+    native, _ = tiny_pair(arch, isa=isa, kv_dtype=kv_dtype, **{**FUSED, **overrides})
     prompt = torch.randint(0, 97, (20,), generator=torch.Generator().manual_seed(6))
     tree = Tree((-1, 0, 1, 2, 0, 4, -1, 6, 3, 8))  # branches of depth 2 to 6 under the root
     ids = torch.randint(0, 97, (11,), generator=torch.Generator().manual_seed(7))
@@ -310,15 +312,16 @@ def test_fused_tree_rows_equal_plain_decoding_bit_for_bit(isa, arch, overrides):
 
 
 @each_isa
+@each_kv_dtype
 @pytest.mark.parametrize(("arch", "overrides"), [("llama", {}), ("mistral", {"sliding_window": 9})])
-def test_prefill_leaves_the_kv_cache_of_plain_decoding(isa, arch, overrides):
+def test_prefill_leaves_the_kv_cache_of_plain_decoding(isa, kv_dtype, arch, overrides):
     """CPU prefill has one arithmetic: two decoders (as two processes would) compute the same KV
     cache bit for bit, whatever the chunk size, and it is the cache decoding the prompt one
     token at a time leaves."""
     prompt = torch.randint(0, 97, (45,), generator=torch.Generator().manual_seed(8))
     caches, logits = [], []
     for chunk in (None, 7, 1):
-        native, _ = tiny_pair(arch, isa=isa, **{**FUSED, **overrides})
+        native, _ = tiny_pair(arch, isa=isa, kv_dtype=kv_dtype, **{**FUSED, **overrides})
         logits.append(native.prefill(prompt, chunk=chunk).logits)
         caches.append((native.cache.k[:, :, :45].clone(), native.cache.v[:, :, :45].clone()))
     native.reset()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import each_isa, tiny_pair
+from conftest import each_isa, each_kv_dtype, tiny_pair
 
 from onepass import SamplingParams
 from onepass.draft import BatchShare, DecodeState, Draft
@@ -18,11 +18,14 @@ FUSED = {"head_dim": 64}
 
 
 @each_isa
+@each_kv_dtype
 @pytest.mark.parametrize(("arch", "overrides"), [("llama", {}), ("mistral", {"sliding_window": 6})])
-def test_a_shared_forward_gives_each_request_its_own_rows_bit_for_bit(isa, arch, overrides):
+def test_a_shared_forward_gives_each_request_its_own_rows_bit_for_bit(
+    isa, kv_dtype, arch, overrides
+):
     """Three requests at different cache lengths in one forward (a prompt chunk, a draft tree
     and a single root): every row, and every KV cache, as when each runs alone."""
-    native, _ = tiny_pair(arch, isa=isa, max_len=96, **{**FUSED, **overrides})
+    native, _ = tiny_pair(arch, isa=isa, kv_dtype=kv_dtype, max_len=96, **{**FUSED, **overrides})
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 97, (n,), generator=gen) for n in (5, 17, 30)]
     tree = Tree((-1, 0, 1, -1, 3))

@@ -13,7 +13,7 @@ import sys
 from typing import Any, NoReturn
 
 from onepass.errors import OnepassError
-from onepass.models.loading import DEFAULT_WEIGHTS, WEIGHTS
+from onepass.models.loading import DEFAULT_WEIGHTS, KV_CACHE_DTYPES, WEIGHTS
 
 EXIT_USAGE = 2
 DEFAULT_METHOD = "auto"  # users run onepass to be faster; auto never drafts what does not pay
@@ -55,6 +55,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "int8: as stored, but Q4_0 / Q4_1 / Q8_0 weights multiplied by 8-bit activations "
         "(llama.cpp's arithmetic): faster still, logits close to but not equal to the others' "
         "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="the KV cache's dtype: float16 reads half the bytes per cached token (long "
+        "contexts, batches), each key and value rounded once; auto: float16 with --weights int8, "
+        "else the model's (default: %(default)s)",
     )
     g.add_argument(
         "--max-model-len",
@@ -172,6 +180,7 @@ def load_llm(args: argparse.Namespace):
         device=args.device,
         max_model_len=args.max_model_len,
         weights=args.weights,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 

@@ -257,6 +257,8 @@ def cached_cost_model(backend: Backend, key: str, cache_dir: Path) -> CostModel:
     # Weights widened from their stored blocks make extra rows far dearer than float32 ones.
     ident += "|weights stored" if getattr(backend, "stored", False) else ""
     ident += "|int8" if getattr(backend, "int8", False) else ""
+    # A half-precision KV cache reads half the bytes per cached token.
+    ident += "|kv float16" if getattr(backend, "kv_dtype", None) == torch.float16 else ""
     # A small KV cache clamps the long context: such a curve must not serve a larger cache.
     ident += "|contexts {} {}".format(*measured_contexts(backend))
     path = cache_dir / CURVES_FILE

@@ -27,7 +27,12 @@ from onepass.engine import NoDrafter
 from onepass.errors import BusyError, InputError
 from onepass.models.base import Rows
 from onepass.models.llama import NativeDecoder
-from onepass.models.loading import DEFAULT_WEIGHTS, default_cache_dir, load_model
+from onepass.models.loading import (
+    DEFAULT_WEIGHTS,
+    KV_CACHE_DTYPES,
+    default_cache_dir,
+    load_model,
+)
 from onepass.outputs import RequestOutput
 from onepass.request import Request
 from onepass.sampling import RequestRandomness, SamplingParams
@@ -65,6 +70,7 @@ class LLM:
         max_model_len: int | None = None,
         cache_dir: str | Path | None = None,
         weights: str = DEFAULT_WEIGHTS,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         """model: "default" (SmolLM2-135M-Instruct, embedded), a .gguf file or a local Hugging
         Face model directory. speculative_config: vLLM-style dict or JSON; None = plain
@@ -76,9 +82,17 @@ class LLM:
         CPU kernels are dequantized), "float32" (dequantized at load: the reference) or "int8"
         (as "stored", with Q4_0 / Q4_1 / Q8_0 weights multiplied by 8-bit activations in
         integer dot products, as llama.cpp does: faster multi-row steps, logits close to but not
-        equal to "float32"; speculative decoding stays exact against plain decoding in it)."""
+        equal to "float32"; speculative decoding stays exact against plain decoding in it).
+        kv_cache_dtype: "auto" (float16 with weights="int8", else the model's dtype),
+        "float32" or "float16" (half the bytes per cached token, each key and value rounded
+        once; needs the CPU kernels; speculation stays exact against plain decoding in it)."""
         if dtype not in _DTYPES:
             raise InputError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InputError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                f"{kv_cache_dtype!r}"
+            )
         self.speculative_config = SpeculativeConfig.parse(speculative_config)
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         loaded = load_model(model, self.cache_dir, weights)
@@ -94,6 +108,7 @@ class LLM:
             dtype=_DTYPES[dtype],
             device=self.device,
             int8=weights == "int8",
+            kv_dtype=None if kv_cache_dtype == "auto" else _DTYPES[kv_cache_dtype],
         )
         self.eos_token_ids = self._eos_token_ids()
         # Drafters by config, least recently used first: a server sees many configs, and a

@@ -181,6 +181,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         device=args.device,
         max_model_len=args.max_model_len,
         weights=args.weights,
+        kv_cache_dtype=args.kv_cache_dtype,
         progress=not args.no_progress,
     )
     results["command"] = command_line(parser, args)

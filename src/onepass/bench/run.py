@@ -416,6 +416,7 @@ def run_benchmark(
     device: str | None = None,
     max_model_len: int | None = None,
     weights: str = DEFAULT_WEIGHTS,
+    kv_cache_dtype: str = "auto",
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark; return the JSON-ready results (env, model, settings, records,
@@ -427,7 +428,14 @@ def run_benchmark(
     from onepass.models import cpu_kernels
 
     questions, methods, skipped = prepare(settings)
-    llm = LLM(model, dtype=dtype, device=device, max_model_len=max_model_len, weights=weights)
+    llm = LLM(
+        model,
+        dtype=dtype,
+        device=device,
+        max_model_len=max_model_len,
+        weights=weights,
+        kv_cache_dtype=kv_cache_dtype,
+    )
     sampling = settings.sampling
     runners: list[Runner] = [
         OnepassRunner(llm, m, sampling, settings.variants.get(m)) for m in methods
@@ -463,6 +471,7 @@ def run_benchmark(
             "model": model,
             "dtype": dtype,
             "weights": weights,
+            "kv_cache_dtype": str(llm.backend.kv_dtype).removeprefix("torch."),
             "cpu_kernels": cpu_kernels.selected_isa(),
             "max_model_len": llm.max_model_len,
             "methods": [r.name for r in runners],

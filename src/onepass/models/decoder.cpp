@@ -31,6 +31,7 @@
 
 #include "small_gemm.h"
 #include "stored_gemm.h"
+#include "widen.h"
 
 namespace {
 
@@ -93,27 +94,34 @@ struct QueryVector {
   const KeySpan* span;    // the row's keys
 };
 
+// The KV cache holds float32 (T = float) or, with kv_cache_dtype float16, fp16 bits (T =
+// uint16_t), widened exactly on load: half the bytes a step reads from a long cache, and the
+// same arithmetic from there on.
+inline Vec load_kv(const float* p) { return loadu(p); }
+inline Vec load_kv(const uint16_t* p) { return load_half(p); }
+
 // Dot product of q (C registers) with one key: C lane-wise products summed in order.
-template <int C>
-inline Vec dot_lanes(const Vec* q, const float* key) {
-  Vec a = mul(q[0], loadu(key));
-  for (int k = 1; k < C; k++) a = fmadd(q[k], loadu(key + k * kLanes), a);
+template <int C, typename T>
+inline Vec dot_lanes(const Vec* q, const T* key) {
+  Vec a = mul(q[0], load_kv(key));
+  for (int k = 1; k < C; k++) a = fmadd(q[k], load_kv(key + k * kLanes), a);
   return a;
 }
 
 // Scores q . key * scale for kLanes keys given by their rows (lane j: a fixed function of key j).
-template <int C>
-inline Vec score_block(const Vec* q, const float* const* key_rows, Vec scale) {
+template <int C, typename T>
+inline Vec score_block(const Vec* q, const T* const* key_rows, Vec scale) {
   Vec acc[kLanes];
 #pragma GCC unroll 16
   for (int j = 0; j < kLanes; j++) acc[j] = dot_lanes<C>(q, key_rows[j]);
   return mul(transpose_sum(acc), scale);
 }
 
-// Asks for `count` floats from `p` into L1, a cache line at a time.
-inline void prefetch_rows(const float* p, int64_t count) {
+// Asks for `count` elements from `p` into L1, a cache line at a time.
+template <typename T>
+inline void prefetch_rows(const T* p, int64_t count) {
   const char* bytes = reinterpret_cast<const char*>(p);
-  for (int64_t o = 0; o < count * 4; o += 64) prefetch_l1(bytes + o);
+  for (int64_t o = 0; o < count * static_cast<int64_t>(sizeof(T)); o += 64) prefetch_l1(bytes + o);
 }
 
 template <int C>
@@ -134,15 +142,15 @@ struct ValueBlocks {
 
 // out[g][0..S) += sum over j < count of p[g][j] * values[j][0..S) (S registers) for G query
 // vectors, one key at a time in order; values: rows `stride` floats apart.
-template <int S, int G>
-void accumulate_slice(const float* const* p, const float* values, int64_t stride, int64_t count,
+template <int S, int G, typename T>
+void accumulate_slice(const float* const* p, const T* values, int64_t stride, int64_t count,
                       float* const* out) {
   Vec acc[G][S];
   for (int g = 0; g < G; g++)
     for (int k = 0; k < S; k++) acc[g][k] = loadu(out[g] + k * kLanes);
   for (int64_t j = 0; j < count; j++, values += stride) {
     Vec v[S];
-    for (int k = 0; k < S; k++) v[k] = loadu(values + k * kLanes);
+    for (int k = 0; k < S; k++) v[k] = load_kv(values + k * kLanes);
     for (int g = 0; g < G; g++) {
       const Vec weight = set1(p[g][j]);
       for (int k = 0; k < S; k++) acc[g][k] = fmadd(weight, v[k], acc[g][k]);
@@ -154,8 +162,8 @@ void accumulate_slice(const float* const* p, const float* values, int64_t stride
 
 // out[g] += sum over j < count of p[g][j] * values[j] for G query vectors (values: consecutive
 // rows of the head's cache), slice by slice. out[g] holds the unnormalized sum between calls.
-template <int C, int G>
-void accumulate_values(const float* const* p, const float* values, int64_t count,
+template <int C, int G, typename T>
+void accumulate_values(const float* const* p, const T* values, int64_t count,
                        float* const* out) {
   constexpr int S = ValueBlocks<C>::kSlice;
   for (int s0 = 0; s0 < C; s0 += S) {
@@ -166,11 +174,11 @@ void accumulate_values(const float* const* p, const float* values, int64_t count
 }
 
 // The same for m query vectors, 1 <= m <= G.
-template <int C, int G = ValueBlocks<C>::kVectors>
-void accumulate_values_of(int64_t m, const float* const* p, const float* values, int64_t count,
+template <int C, typename T, int G = ValueBlocks<C>::kVectors>
+void accumulate_values_of(int64_t m, const float* const* p, const T* values, int64_t count,
                           float* const* out) {
   if constexpr (G > 1) {
-    if (m < G) return accumulate_values_of<C, G - 1>(m, p, values, count, out);
+    if (m < G) return accumulate_values_of<C, T, G - 1>(m, p, values, count, out);
   }
   accumulate_values<C, G>(p, values, count, out);
 }
@@ -181,9 +189,9 @@ void accumulate_values_of(int64_t m, const float* const* p, const float* values,
 // few vectors at a time per block of keys; each vector's remaining keys (the run's last partial
 // block, its ancestors among the new rows) follow, one vector at a time, in the same order and
 // arithmetic.
-template <int C>
-void attend_job(const QueryVector* vectors, int64_t count, const float* keys,
-                const float* values, float scale, std::vector<float>& scratch) {
+template <int C, typename T>
+void attend_job(const QueryVector* vectors, int64_t count, const T* keys, const T* values,
+                float scale, std::vector<float>& scratch) {
   constexpr int64_t hd = C * kLanes;
   constexpr int kGroup = ValueBlocks<C>::kVectors;
   const int64_t lo = vectors[0].span->lo, run = vectors[0].span->hi - lo;
@@ -201,7 +209,7 @@ void attend_job(const QueryVector* vectors, int64_t count, const float* keys,
 
   // Scores of the run's full blocks, all vectors per block; the block after next is fetched
   // meanwhile (the hardware prefetcher alone leaves the first vector of each block waiting).
-  const float* key_rows[kLanes];
+  const T* key_rows[kLanes];
   for (int64_t b = 0; b < full; b += kLanes) {
     if (b + 2 * kLanes < run) prefetch_rows(keys + (lo + b + 2 * kLanes) * hd, kLanes * hd);
     for (int j = 0; j < kLanes; j++) key_rows[j] = keys + (lo + b + j) * hd;
@@ -237,14 +245,14 @@ void attend_job(const QueryVector* vectors, int64_t count, const float* keys,
   constexpr int64_t kKeys = 64;
   for (int64_t k0 = 0; k0 < run; k0 += kKeys) {
     const int64_t keys_now = std::min(kKeys, run - k0);
-    const float* vp = values + (lo + k0) * hd;
+    const T* vp = values + (lo + k0) * hd;
     if (k0 + kKeys < run) prefetch_rows(vp + kKeys * hd, std::min(kKeys, run - k0 - kKeys) * hd);
     for (int64_t v0 = 0; v0 < count; v0 += kGroup) {
       const float* p[kGroup];
       float* o[kGroup];
       const int64_t m = std::min<int64_t>(kGroup, count - v0);
       for (int64_t g = 0; g < m; g++) p[g] = probs(v0 + g) + k0, o[g] = vectors[v0 + g].out;
-      accumulate_values_of<C>(m, p, vp, keys_now, o);
+      accumulate_values_of<C, T>(m, p, vp, keys_now, o);
     }
   }
   // Then each vector's other keys, a stretch of consecutive cache rows at a time, and the
@@ -265,8 +273,8 @@ void attend_job(const QueryVector* vectors, int64_t count, const float* keys,
 
 // One request's rows in a forward: its KV cache and where its rows are.
 struct Segment {
-  float* cache_k;  // [layers][kv_heads][max_len][hd]
-  float* cache_v;
+  void* cache_k;  // [layers][kv_heads][max_len][hd] of float or fp16 bits (kv_half)
+  void* cache_v;
   int64_t max_len, start;  // cache rows; committed rows (the new rows are written after them)
   int64_t first, n;        // its rows of the forward: first..first + n
   std::vector<KeySpan> spans;
@@ -277,7 +285,7 @@ struct Segment {
 // vectors (per segment, per kv head, row-major: v = row * group + g) are split evenly between
 // threads; a thread's consecutive vectors of one segment and kv head with the same cache run
 // form a job. A row's arithmetic depends only on its own query and keys.
-template <int C>
+template <int C, typename T>
 void attend(const float* q, std::vector<Segment>& segments, int64_t layer, int64_t heads,
             int64_t kv_heads, float scale, float* out) {
   constexpr int64_t hd = C * kLanes;
@@ -292,7 +300,8 @@ void attend(const float* q, std::vector<Segment>& segments, int64_t layer, int64
       if (job.empty()) return;
       const Segment& seg = segments[job_segment];
       const int64_t offset = (layer * kv_heads + job_head) * seg.max_len * hd;
-      attend_job<C>(job.data(), job.size(), seg.cache_k + offset, seg.cache_v + offset, scale, scratch);
+      attend_job<C>(job.data(), job.size(), static_cast<const T*>(seg.cache_k) + offset,
+                    static_cast<const T*>(seg.cache_v) + offset, scale, scratch);
       job.clear();
     };
     int64_t s = std::upper_bound(first_unit.begin(), first_unit.end(), begin) - first_unit.begin() - 1;
@@ -338,7 +347,8 @@ namespace onepass {
 
 // Runs every layer on rows x [n, hidden], the rows of one or more requests, and returns the
 // hidden states after the last layer. Segment s is rows[s] consecutive rows of x whose K/V go
-// to caches_k[s] / caches_v[s] ([layers, kv_heads, max_len, head_dim]) at rows starts[s]...,
+// to caches_k[s] / caches_v[s] ([layers, kv_heads, max_len, head_dim], all float32 or all
+// float16: each key and value rounded once, here, and widened exactly to read) at rows starts[s]...,
 // attending to that cache's committed rows and, among themselves, as masks[s] ([rows, rows]
 // bool, None: causal) allows. The projections multiply all the rows at once: the weights
 // stream once per forward whatever the number of requests. Weights as
@@ -383,15 +393,18 @@ at::Tensor decode_layers(const at::Tensor& x_in, double eps, const std::vector<a
   TORCH_CHECK(positions.numel() == n, "one position per row");
   std::vector<Segment> segments(count);
   std::vector<at::Tensor> masks(count);  // keeps the converted masks alive
+  const bool kv_half = caches_k[0].scalar_type() == at::kHalf;
+  const auto kv_type = kv_half ? at::kHalf : at::kFloat;
   int64_t first = 0;
   for (size_t s = 0; s < count; s++) {
     const at::Tensor &ck = caches_k[s], &cv = caches_v[s];
-    TORCH_CHECK(ck.is_contiguous() && cv.is_contiguous() && ck.scalar_type() == at::kFloat &&
-                    cv.sizes() == ck.sizes() && ck.dim() == 4 && ck.size(0) == layers &&
-                    ck.size(1) == nkv && ck.size(3) == hd,
-                "caches must be contiguous float32 [layers, kv_heads, max_len, head_dim]");
+    TORCH_CHECK(ck.is_contiguous() && cv.is_contiguous() && ck.scalar_type() == kv_type &&
+                    cv.scalar_type() == kv_type && cv.sizes() == ck.sizes() && ck.dim() == 4 &&
+                    ck.size(0) == layers && ck.size(1) == nkv && ck.size(3) == hd,
+                "caches must be contiguous [layers, kv_heads, max_len, head_dim], all float32 "
+                "or all float16");
     Segment& seg = segments[s];
-    seg.cache_k = ck.data_ptr<float>(), seg.cache_v = cv.data_ptr<float>();
+    seg.cache_k = ck.data_ptr(), seg.cache_v = cv.data_ptr();
     seg.max_len = ck.size(2), seg.start = starts[s], seg.first = first, seg.n = rows[s];
     TORCH_CHECK(seg.n > 0 && seg.start >= 0 && seg.start + seg.n <= seg.max_len,
                 "segment ", s, ": its new rows do not fit in its cache");
@@ -441,23 +454,38 @@ at::Tensor decode_layers(const at::Tensor& x_in, double eps, const std::vector<a
     normalize_rows();
     const auto qkv = project(normed, 4 * l);
     for (const Segment& seg : segments) {
-      float* ck = seg.cache_k + l * nkv * seg.max_len * hd;
-      float* cv = seg.cache_v + l * nkv * seg.max_len * hd;
+      const int64_t layer_offset = l * nkv * seg.max_len * hd;
       for (int64_t r = seg.first; r < seg.first + seg.n; r++) {
         const float* row = qkv.data_ptr<float>() + r * (nh + 2 * nkv) * hd;
         const float* rot_r = rot + r * hd;
         for (int64_t h = 0; h < nh; h++) rotate(row + h * hd, rot_r, q.data_ptr<float>() + (r * nh + h) * hd, hd);
         for (int64_t h = 0; h < nkv; h++) {
-          const int64_t cache_row = (h * seg.max_len + seg.start + r - seg.first) * hd;
-          rotate(row + (nh + h) * hd, rot_r, ck + cache_row, hd);
-          std::copy_n(row + (nh + nkv + h) * hd, hd, cv + cache_row);
+          const int64_t cache_row = layer_offset + (h * seg.max_len + seg.start + r - seg.first) * hd;
+          const float* value = row + (nh + nkv + h) * hd;
+          if (kv_half) {
+            float key[128];
+            rotate(row + (nh + h) * hd, rot_r, key, hd);
+            uint16_t* ck = static_cast<uint16_t*>(seg.cache_k) + cache_row;
+            uint16_t* cv = static_cast<uint16_t*>(seg.cache_v) + cache_row;
+            for (int64_t k = 0; k < hd; k += kLanes) {
+              store_half(ck + k, loadu(key + k));
+              store_half(cv + k, loadu(value + k));
+            }
+          } else {
+            rotate(row + (nh + h) * hd, rot_r, static_cast<float*>(seg.cache_k) + cache_row, hd);
+            std::copy_n(value, hd, static_cast<float*>(seg.cache_v) + cache_row);
+          }
         }
       }
     }
+    const float* qp = q.data_ptr<float>();
+    float* op = attended.data_ptr<float>();
     if (hd == 64) {
-      attend<64 / kLanes>(q.data_ptr<float>(), segments, l, nh, nkv, scale, attended.data_ptr<float>());
+      if (kv_half) attend<64 / kLanes, uint16_t>(qp, segments, l, nh, nkv, scale, op);
+      else attend<64 / kLanes, float>(qp, segments, l, nh, nkv, scale, op);
     } else {
-      attend<128 / kLanes>(q.data_ptr<float>(), segments, l, nh, nkv, scale, attended.data_ptr<float>());
+      if (kv_half) attend<128 / kLanes, uint16_t>(qp, segments, l, nh, nkv, scale, op);
+      else attend<128 / kLanes, float>(qp, segments, l, nh, nkv, scale, op);
     }
     add_rows(project(attended, 4 * l + 1));
     normalize_rows();

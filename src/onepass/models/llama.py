@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from onepass.errors import InputError
 from onepass.kv_cache import KVCache
 from onepass.models import cpu_kernels
 from onepass.models.base import ModelOutput, Rows
@@ -231,12 +232,16 @@ class NativeDecoder:
         device: torch.device | str = "cpu",
         isa: str | None = None,
         int8: bool = False,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         """isa: the CPU kernels' instruction set (cpu_kernels.ISAS, or "none" for the layer
         stack); None: cpu_kernels.selected_isa(). Used on CPU in float32 only. weights may hold
         models.stored.StoredTensor values: the fused decoder keeps those in their blocks
         (`self.stored`); without it they are dequantized, to the same values. int8: stored
-        Q4_0 / Q4_1 / Q8_0 weights are multiplied in the int8 arithmetic (int8_formats.h)."""
+        Q4_0 / Q4_1 / Q8_0 weights are multiplied in the int8 arithmetic (int8_formats.h).
+        kv_dtype: the KV cache's (None: float16 with int8, else dtype); torch.float16 needs the
+        fused decoder, which rounds each key and value to it once, when written, and widens
+        them exactly to read (InputError where it does not run)."""
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -250,6 +255,14 @@ class NativeDecoder:
         # The fused C++ decoder's ops (decoder.cpp) where they are available, else None.
         self.kernels = cpu_kernels.ops(isa) if fused else None
         self.isa = (isa or cpu_kernels.selected_isa()) if self.kernels is not None else None
+        if kv_dtype is None:
+            kv_dtype = torch.float16 if int8 and self.kernels is not None else dtype
+        self.kv_dtype = kv_dtype
+        if kv_dtype != dtype and (self.kernels is None or kv_dtype != torch.float16):
+            raise InputError(
+                "a KV cache in another dtype than the model's can only be float16, and needs "
+                "onepass's CPU kernels (a float32 model on CPU)"
+            )
         self.gemm = choose_gemm(self.device, dtype)
         # Weights as stored (models/stored.py) where the fused decoder runs, else dequantized.
         self.stored = self.kernels is not None and any(
@@ -310,7 +323,7 @@ class NativeDecoder:
             config.num_kv_heads,
             max_len,
             config.head_dim,
-            dtype,
+            self.kv_dtype,
             self.device,
         )
         self._pending = 0  # rows written by the last forward, not yet committed
@@ -326,7 +339,7 @@ class NativeDecoder:
         cfg = self.config
         layers = len(self.out_features) // 4  # a subset() runs fewer than the model's
         other.cache = KVCache(
-            layers, cfg.num_kv_heads, max_len, cfg.head_dim, self.dtype, self.device
+            layers, cfg.num_kv_heads, max_len, cfg.head_dim, self.kv_dtype, self.device
         )
         other._pending = 0
         return other

@@ -70,6 +70,11 @@ def default_model_path() -> Path:
 
 
 WEIGHTS = ("stored", "float32", "int8")
+KV_CACHE_DTYPES = ("auto", "float32", "float16")
+"""The KV cache's dtype: "float16" halves the bytes a step reads per cached token (what a
+batch of requests with long contexts spends most of its time on), rounding each key and value
+once, when written; "auto": float16 with int8 weights (llama.cpp's arithmetic, whose KV cache
+is f16 too), else the model's dtype (float32: the reference's, bit for bit)."""
 DEFAULT_WEIGHTS = "stored"  # a fifth of the bytes per step, the same logits bit for bit
 """How the weights are held: "float32", a GGUF dequantized to float32 (converted once into the
 cache) and a Hugging Face directory's tensors as its files store them (converted to float32 by

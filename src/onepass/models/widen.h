@@ -2,7 +2,8 @@
 // float operations: IVec, kLanes 32-bit integer lanes, for assembling quants from their bits
 // (bytes, nibbles, high bits in words), and the exact conversions to fp32 (small integers,
 // fp16, bf16). Every conversion here is exact, so the values a kernel gets depend only on the
-// stored bits, not on the ISA; the formats themselves are in stored_formats.h.
+// stored bits, not on the ISA; the formats themselves are in stored_formats.h. store_half, the
+// one narrowing, rounds to nearest even on every ISA.
 #pragma once
 
 #include <cstdint>
@@ -46,6 +47,11 @@ inline Vec bits_to_float(IVec a) { return {_mm512_castsi512_ps(a.v)}; }
 inline Vec load_half(const uint16_t* p) {
   return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
 }
+// kLanes fp32 -> fp16, rounded to nearest even (a half-precision KV cache's writes).
+inline void store_half(uint16_t* p, Vec a) {
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(a.v, kNearest));
+}
 
 #elif ONEPASS_SIMD_AVX2
 
@@ -77,6 +83,10 @@ inline Vec bits_to_float(IVec a) { return {_mm256_castsi256_ps(a.v)}; }
 inline Vec load_half(const uint16_t* p) {  // F16C, which every AVX2 CPU has (-mf16c)
   return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
 }
+inline void store_half(uint16_t* p, Vec a) {
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(a.v, kNearest));
+}
 
 #elif ONEPASS_SIMD_NEON
 
@@ -106,6 +116,9 @@ inline Vec to_float(IVec a) { return {vcvtq_f32_s32(vreinterpretq_s32_u32(a.v))}
 inline Vec bits_to_float(IVec a) { return {vreinterpretq_f32_u32(a.v)}; }
 inline Vec load_half(const uint16_t* p) {
   return {vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)))};
+}
+inline void store_half(uint16_t* p, Vec a) {  // FPCR's default: to nearest even
+  vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(a.v)));
 }
 
 #endif
