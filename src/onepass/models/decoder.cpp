@@ -141,7 +141,7 @@ struct ValueBlocks {
 };
 
 // out[g][0..S) += sum over j < count of p[g][j] * values[j][0..S) (S registers) for G query
-// vectors, one key at a time in order; values: rows `stride` floats apart.
+// vectors, one key at a time in order; values: rows `stride` elements apart.
 template <int S, int G, typename T>
 void accumulate_slice(const float* const* p, const T* values, int64_t stride, int64_t count,
                       float* const* out) {
