@@ -255,20 +255,20 @@ class NativeDecoder:
         # The fused C++ decoder's ops (decoder.cpp) where they are available, else None.
         self.kernels = cpu_kernels.ops(isa) if fused else None
         self.isa = (isa or cpu_kernels.selected_isa()) if self.kernels is not None else None
-        if kv_dtype is None:
-            kv_dtype = torch.float16 if int8 and self.kernels is not None else dtype
-        self.kv_dtype = kv_dtype
-        if kv_dtype != dtype and (self.kernels is None or kv_dtype != torch.float16):
-            raise InputError(
-                "a KV cache in another dtype than the model's can only be float16, and needs "
-                "onepass's CPU kernels (a float32 model on CPU)"
-            )
         self.gemm = choose_gemm(self.device, dtype)
         # Weights as stored (models/stored.py) where the fused decoder runs, else dequantized.
         self.stored = self.kernels is not None and any(
             isinstance(v, StoredTensor) for v in weights.values()
         )
         self.int8 = int8 and self.stored
+        if kv_dtype is None:
+            kv_dtype = torch.float16 if self.int8 else dtype
+        self.kv_dtype = kv_dtype
+        if kv_dtype != dtype and (self.kernels is None or kv_dtype != torch.float16):
+            raise InputError(
+                "a KV cache in another dtype than the model's can only be float16, and needs "
+                "onepass's CPU kernels (a float32 model on CPU)"
+            )
         w = {
             k: v if self.stored and isinstance(v, StoredTensor) else dequantized(v)
             for k, v in weights.items()
