@@ -17,6 +17,7 @@ from onepass.drafters.suffix import (
     Options,
     RequestIndex,
     SuffixDrafter,
+    best_nodes,
     build,
     evidence_class,
 )
@@ -85,6 +86,19 @@ def test_continuations_are_counted_into_a_frequency_tree():
     assert draft.tokens == [1, 2, 7, 3, 8, 4, 9, 23]
     assert draft.tree.parents == (-1, 0, 1, 0, 3, -1, 5, 6)
     assert draft.draft_probs is None
+
+
+def test_identical_continuations_count_once_with_their_weights_summed():
+    found = [([5, 6, 7], 1.0), ([5, 8], 0.5), ([5, 6, 7], 1.0), ([9], 0.25), ([5], 1.0)]
+    merged = [([5, 6, 7], 2.0), ([5, 8], 0.5), ([9], 0.25), ([5], 1.0)]
+    draft, same = best_nodes(found, 8, 0.0, 3), best_nodes(merged, 8, 0.0, 3)
+    assert (draft.tokens, draft.tree.parents, draft.classes) == (
+        same.tokens, same.tree.parents, same.classes
+    )
+    # 5: 3.5 of 3.75; 6 under it: 2 of the 2.5 that go on past 5 (the path [5] stops there).
+    assert draft.tokens == [5, 6, 7, 8, 9]
+    assert draft.tree.parents == (-1, 0, 1, 0, -1)
+    assert draft.classes == [evidence_class(3, s) for s in (3.5 / 3.75, 0.8, 1.0, 0.2, 0.25 / 3.75)]
 
 
 def test_nodes_are_classed_by_match_length_and_share_of_their_siblings():

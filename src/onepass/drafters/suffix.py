@@ -54,7 +54,7 @@ import heapq
 import json
 from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
@@ -284,55 +284,60 @@ def evidence_class(match_length: int, share: float) -> int:
     return 3 * length + (0 if share < 0.5 else 1 if share < 0.9 else 2)
 
 
-class CountTrie:
-    """Continuations counted with weights; node 0 is the root (the current last token)."""
+def best_nodes(
+    continuations: Iterable[tuple[Sequence[int], float]],
+    budget: int,
+    min_probability: float,
+    match_length: int = 1,
+) -> Draft:
+    """The `budget` highest-scoring nodes of the trie the weighted continuations count (rules
+    3-4 of the module docstring), best-first, classed by evidence (see evidence_class).
 
-    def __init__(self) -> None:
-        self.token, self.weight, self.total = [-1], [0.0], [0.0]
-        self.children: list[list[int]] = [[]]
-        self.index: dict[tuple[int, int], int] = {}
+    The trie is never built whole: a node's children are counted only when the node is taken,
+    so a step costs the few nodes proposed rather than every token of every occurrence (most
+    of which score below min_probability), and identical continuations (a copy in progress
+    finds the same one many times) are counted once, with their weights summed."""
+    weights: dict[tuple[int, ...], float] = {}
+    for continuation, weight in continuations:
+        key = tuple(continuation)
+        weights[key] = weights.get(key, 0.0) + weight
+    paths = list(weights.items())  # first occurrence first: ties go to the most recent
+    # (-score, depth, first path through the node, token, paths through it, score, share,
+    # index of the parent in the draft): a min-heap; the first three entries are unique.
+    frontier: list[tuple[float, int, int, int, list[int], float, float, int]] = []
 
-    def add(self, continuation: Sequence[int], weight: float) -> None:
-        node = 0
-        for t in continuation:
-            child = self.index.get((node, t))
-            if child is None:
-                child = self.index[(node, t)] = len(self.token)
-                self.token.append(t)
-                self.weight.append(0.0)
-                self.total.append(0.0)
-                self.children.append([])
-                self.children[node].append(child)
-            self.weight[child] += weight
-            self.total[node] += weight
-            node = child
+    def push(members: list[int], depth: int, score: float, out_index: int) -> None:
+        groups: dict[int, list[int]] = {}
+        sums: dict[int, float] = {}
+        total = 0.0  # a path cut short at this node is no evidence either way
+        for i in members:
+            path, weight = paths[i]
+            if len(path) > depth:
+                t = path[depth]
+                group = groups.get(t)
+                if group is None:
+                    groups[t], sums[t] = [i], weight
+                else:
+                    group.append(i)
+                    sums[t] += weight
+                total += weight
+        for t, group in groups.items():
+            s = score * sums[t] / total
+            if s >= min_probability:
+                share = sums[t] / total
+                heapq.heappush(frontier, (-s, depth + 1, group[0], t, group, s, share, out_index))
 
-    def best(self, budget: int, min_probability: float, match_length: int = 1) -> Draft:
-        """The `budget` highest-scoring nodes, best-first (see the module docstring), classed
-        by evidence (see evidence_class)."""
-        # (-score, depth, trie node, score, index of the parent in the draft): a min-heap.
-        frontier: list[tuple[float, int, int, float, int]] = []
-
-        def push(node: int, score: float, depth: int, out_index: int) -> None:
-            for c in self.children[node]:
-                s = score * self.weight[c] / self.total[node]
-                if s >= min_probability:
-                    heapq.heappush(frontier, (-s, depth + 1, c, s, out_index))
-
-        push(0, 1.0, 0, -1)
-        tokens: list[int] = []
-        parents: list[int] = []
-        classes: list[int] = []
-        trie_nodes: list[int] = []  # draft node -> trie node
-        while frontier and len(tokens) < budget:
-            _, depth, node, score, parent = heapq.heappop(frontier)
-            tokens.append(self.token[node])
-            parents.append(parent)
-            trie_nodes.append(node)
-            up = 0 if parent < 0 else trie_nodes[parent]
-            classes.append(evidence_class(match_length, self.weight[node] / self.total[up]))
-            push(node, score, depth, len(tokens) - 1)
-        return Draft(tokens, Tree(tuple(parents)), classes=classes)
+    push(list(range(len(paths))), 0, 1.0, -1)
+    tokens: list[int] = []
+    parents: list[int] = []
+    classes: list[int] = []
+    while frontier and len(tokens) < budget:
+        _, depth, _, token, members, score, share, parent = heapq.heappop(frontier)
+        tokens.append(token)
+        parents.append(parent)
+        classes.append(evidence_class(match_length, share))
+        push(members, depth, score, len(tokens) - 1)
+    return Draft(tokens, Tree(tuple(parents)), classes=classes)
 
 
 class SuffixDrafter(Drafter):
@@ -369,11 +374,9 @@ class SuffixDrafter(Drafter):
         self.index.sync(state.tokens)
         stores = self.stores()
         request, found = self.matches(stores)
-        trie = CountTrie()
-        for continuation, weight in self.occurrences(request, stores, found, depth):
-            trie.add(continuation, weight)
         longest = max([len(request), *map(len, found)])
-        return trie.best(budget, self.options.min_probability, longest)
+        continuations = self.occurrences(request, stores, found, depth)
+        return best_nodes(continuations, budget, self.options.min_probability, longest)
 
     def stores(self) -> list[CorpusIndex]:
         """What is searched besides the request: the history (recent traffic), the corpus."""
