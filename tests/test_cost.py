@@ -41,6 +41,36 @@ def test_measured_curve_never_decreases():
     assert curve.seconds[2] == curve.seconds[1]  # the dip at 4 rows is lifted to t(2)
 
 
+class HangoverBackend:
+    """On a fake clock: a forward of k rows takes k ms, plus a hangover of 10 ms from a
+    preceding forward at least 8 rows larger (a CPU slowed by heavy arithmetic, recovering)."""
+
+    max_len = 100
+
+    def __init__(self) -> None:
+        self.now, self.last = 0.0, 1
+
+    def clock(self) -> float:
+        return self.now
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        pass
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: None) -> None:
+        k = ids.shape[0]
+        self.now += 0.001 * k + (0.010 if self.last >= k + 8 else 0.0)
+        self.last = k
+
+
+def test_a_size_is_measured_after_its_neighbours_not_after_the_largest(monkeypatch):
+    """Repetitions alternate up and down the sizes: measured in one direction only, every
+    repetition but the first would time 1 row right after 64, and price it 11 ms."""
+    backend = HangoverBackend()
+    monkeypatch.setattr("onepass.cost.time.perf_counter", backend.clock)
+    curve = measure(backend, sizes=SIZES, context=8, reps=5, long_context=8)
+    assert curve.seconds == pytest.approx([0.001 * k for k in SIZES])
+
+
 class AttentionBackend:
     """A forward of k rows after c cached tokens sleeps 1 ms + k * c * 5 us."""
 
