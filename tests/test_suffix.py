@@ -93,7 +93,9 @@ def test_identical_continuations_count_once_with_their_weights_summed():
     merged = [([5, 6, 7], 2.0), ([5, 8], 0.5), ([9], 0.25), ([5], 1.0)]
     draft, same = best_nodes(found, 8, 0.0, 3), best_nodes(merged, 8, 0.0, 3)
     assert (draft.tokens, draft.tree.parents, draft.classes) == (
-        same.tokens, same.tree.parents, same.classes
+        same.tokens,
+        same.tree.parents,
+        same.classes,
     )
     # 5: 3.5 of 3.75; 6 under it: 2 of the 2.5 that go on past 5 (the path [5] stops there).
     assert draft.tokens == [5, 6, 7, 8, 9]
