@@ -14,6 +14,7 @@ from onepass.drafters.auto import (
     GATE_PLAIN_STEPS,
     GATE_PROBE,
     GATE_REMEASURE,
+    GATE_SETTLE,
     GATE_WARMUP,
     MAX_SKIP,
     RUN_BOUNDS,
@@ -321,16 +322,20 @@ def test_a_request_whose_drafting_does_not_pay_its_time_pauses_it():
     assert proposals(auto, counting, 12, accept=3, batch=None) == list(range(GATE_WARMUP))
 
 
-def gate_steps(gate: RateGate, steps: int, draft_ms: float, plain_ms: float) -> list[bool]:
+def gate_steps(
+    gate: RateGate, steps: int, draft_ms: float, plain_ms: float, after_ms: float = 0.0
+) -> list[bool]:
     """Each step's choice, one token per plain step and two per drafting step, each taking
-    the given milliseconds per token."""
+    the given milliseconds per token, and any step after_ms more while one of the
+    GATE_SETTLE steps before it drafted (the after-effect of a forward of several rows)."""
     now, emitted, chosen = 0.0, 0, []
     for _ in range(steps):
         drafting = gate.drafts(now, emitted)
-        chosen.append(drafting)
         tokens = 2 if drafting else 1
         emitted += tokens
         now += tokens * (draft_ms if drafting else plain_ms) / 1000
+        now += after_ms / 1000 if any(chosen[-GATE_SETTLE:]) else 0.0
+        chosen.append(drafting)
     return chosen
 
 
@@ -339,8 +344,9 @@ def test_the_rate_gate_pauses_drafting_that_is_slower_by_the_clock():
     plain decoding, drafting pauses for 1, 2, 4, ... steps (up to GATE_MAX_PAUSE), with
     GATE_PROBE drafting steps between pauses to measure it again."""
     chosen = gate_steps(RateGate(), 400, draft_ms=3.0, plain_ms=2.0)
-    first = GATE_WARMUP + GATE_PLAIN_STEPS
-    assert chosen[:first] == [True] * GATE_WARMUP + [False] * GATE_PLAIN_STEPS
+    sample = GATE_SETTLE + GATE_PLAIN_STEPS
+    first = GATE_WARMUP + sample
+    assert chosen[:first] == [True] * GATE_WARMUP + [False] * sample
     assert sum(chosen[200:]) < 0.25 * 200  # mostly plain decoding
     pauses, run = [], 0
     for c in chosen[first:]:
@@ -349,16 +355,26 @@ def test_the_rate_gate_pauses_drafting_that_is_slower_by_the_clock():
         elif run:
             pauses.append(run)
             run = 0
-    assert max(pauses) <= GATE_MAX_PAUSE + GATE_PLAIN_STEPS
+    assert max(pauses) <= GATE_MAX_PAUSE + sample
     assert pauses[:3] == sorted(pauses[:3])
+
+
+def test_the_rate_gate_charges_drafting_for_the_steps_it_slows():
+    """Drafting steps at 1.8 ms a token against plain decoding's 2, but each step within
+    GATE_SETTLE of a drafting step 1 ms slower: drafting every step costs 2.3 ms a token.
+    Plain steps measured while still slowed (3 ms) would make drafting look the faster."""
+    chosen = gate_steps(RateGate(), 400, draft_ms=1.8, plain_ms=2.0, after_ms=1.0)
+    assert sum(chosen[200:]) < 0.25 * 200
+    assert sum(gate_steps(RateGate(), 400, draft_ms=1.8, plain_ms=2.0)[200:]) > 0.8 * 200
 
 
 def test_the_rate_gate_keeps_drafting_that_pays():
     """Drafting at 1 ms a token against 2: it drafts every step except plain decoding's
-    samples (GATE_PLAIN_STEPS every GATE_REMEASURE steps)."""
+    samples (GATE_SETTLE + GATE_PLAIN_STEPS every GATE_REMEASURE steps)."""
     steps = 4 * GATE_REMEASURE
     chosen = gate_steps(RateGate(), steps, draft_ms=1.0, plain_ms=2.0)
-    assert steps - sum(chosen) <= GATE_PLAIN_STEPS * (steps // GATE_REMEASURE + 1)
+    sample = GATE_SETTLE + GATE_PLAIN_STEPS
+    assert steps - sum(chosen) <= sample * (steps // GATE_REMEASURE + 1)
     assert all(chosen[:GATE_WARMUP]) and GATE_PROBE <= GATE_WARMUP
 
 

@@ -83,6 +83,11 @@ PACE_DECAY = 0.95  # weight of the past in what proposing has been worth (per pr
 GATE_DECAY = 0.9  # weight of the past per step
 GATE_WARMUP = 8  # steps drafted before plain decoding's rate is first sampled
 GATE_PLAIN_STEPS = 3  # steps per sample of plain decoding's rate
+# Steps after a drafting step that are still charged to drafting: a forward of several rows
+# slows the next forwards (seen on an Intel Xeon: a 1-row forward right after a 4-row one
+# took 0.3 ms more, recovering over some four forwards, as much again as the rows themselves
+# added), a cost of drafting that a plain step must not be measured with.
+GATE_SETTLE = 4
 GATE_REMEASURE = 64  # steps between samples
 GATE_PROBE = 4  # drafting steps measured before drafting is judged again
 GATE_MAX_PAUSE = 32  # longest pause (steps)
@@ -435,16 +440,18 @@ class RateGate:
     verification and the drafting) over the tokens emitted, a decaying sum for steps with
     drafting and one for steps without. Pace prices proposals by the cost curve's estimate;
     where a step is short (weights as stored or int8: 3 ms) the Python around the forward that
-    the estimate leaves out decides, and only the clock sees it. Plain decoding's rate is
-    sampled (GATE_PLAIN_STEPS steps) after GATE_WARMUP steps and every GATE_REMEASURE steps
-    (the context grows); while drafting's is the slower, drafting pauses for 1, 2, 4, ... steps
-    (at most GATE_MAX_PAUSE; from 2 again once it paid), then runs GATE_PROBE steps to be
-    measured again."""
+    the estimate leaves out decides, and only the clock sees it. The GATE_SETTLE steps after a
+    drafting step count as drafting's (they pay for its rows' after-effects). Plain decoding's
+    rate is sampled (GATE_PLAIN_STEPS steps, once those have settled) after GATE_WARMUP steps
+    and every GATE_REMEASURE steps (the context grows); while drafting's is the slower,
+    drafting pauses for 1, 2, 4, ... steps (at most GATE_MAX_PAUSE; from 2 again once it
+    paid), then runs GATE_PROBE steps to be measured again."""
 
     seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])  # [plain, drafting]
     tokens: list[float] = field(default_factory=lambda: [0.0, 0.0])
-    last: tuple[float, int, bool] | None = None  # the previous proposal: time, tokens, drafted
+    last: tuple[float, int, bool] | None = None  # the previous proposal: time, tokens, charged
     steps: int = 0
+    since: int = GATE_SETTLE  # steps since the last drafting step
     pause: int = 0  # steps left without drafting
     drafted: int = 0  # drafting steps since the last judgment
     backoff: int = 1
@@ -456,13 +463,14 @@ class RateGate:
     def drafts(self, now: float, emitted: int) -> bool:
         """Whether this step drafts, given the time and the number of tokens so far."""
         if self.last is not None:
-            then, before, drafted = self.last
+            then, before, charged = self.last
             if emitted > before:
-                self.seconds[drafted] = GATE_DECAY * self.seconds[drafted] + now - then
-                self.tokens[drafted] = GATE_DECAY * self.tokens[drafted] + emitted - before
+                self.seconds[charged] = GATE_DECAY * self.seconds[charged] + now - then
+                self.tokens[charged] = GATE_DECAY * self.tokens[charged] + emitted - before
         self.steps += 1
         drafting = self._choose()
-        self.last = (now, emitted, drafting)
+        self.since = 0 if drafting else self.since + 1
+        self.last = (now, emitted, self.since < GATE_SETTLE)
         return drafting
 
     def _choose(self) -> bool:
@@ -472,7 +480,7 @@ class RateGate:
         if self.steps > GATE_WARMUP and (
             not self.tokens[False] or self.steps % GATE_REMEASURE == 0
         ):
-            self.pause = GATE_PLAIN_STEPS - 1
+            self.pause = GATE_SETTLE + GATE_PLAIN_STEPS - 1
             return False
         if self.tokens[False] and self.tokens[True] and self.drafted >= GATE_PROBE:
             self.drafted = 0
