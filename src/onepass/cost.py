@@ -224,10 +224,9 @@ def _measure_at(
         backend.forward(torch.full((1,), 5, device=device), torch.tensor([context]), None)
     times: dict[int, list[float]] = {k: [] for k in sizes}
     # Sizes interleaved within each repetition: a transient slowdown of a shared machine then
-    # hits every size alike instead of bending the curve's shape. Up the sizes, then down: a
-    # forward slows the next ones by what it did (seen on an Intel Xeon: 1-row forwards took
-    # 6.3 ms right after a 64-row one and 2.8 ms in a run of their own, recovering over some
-    # ten forwards), so each size follows its neighbours, as it would in decoding, not t(64).
+    # hits every size alike instead of bending the curve's shape. Up the sizes, then down: on
+    # some CPUs a heavy forward slows the next ones for a while (docs/results/intel_xeon), so
+    # each size follows its neighbours, as it would in decoding, not t(64).
     for rep in range(reps):
         for k in sizes if rep % 2 == 0 else sizes[::-1]:
             ids = torch.full((k,), 7, device=device)

@@ -120,10 +120,10 @@ class LLM:
         self._live_cost: LiveCost | None = None  # the curve as the forwards rescale it
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread running the current request
-        # The model's and tokenizer's Python objects (some 300,000) live as long as the LLM:
-        # frozen, the cyclic collector's full passes skip them, which otherwise stopped
-        # decoding for over 100 ms now and then (a step takes a few ms). Unfrozen first, so
-        # that the objects of LLMs dropped since the last freeze are collected, not kept.
+        # The model's and tokenizer's Python objects live as long as the LLM: frozen, the
+        # cyclic collector's full passes skip them, which otherwise stopped decoding for many
+        # steps' time now and then. Unfrozen first, so that the objects of LLMs dropped since
+        # the last freeze are collected, not kept.
         gc.unfreeze()
         gc.collect()
         gc.freeze()

@@ -83,10 +83,9 @@ PACE_DECAY = 0.95  # weight of the past in what proposing has been worth (per pr
 GATE_DECAY = 0.9  # weight of the past per step
 GATE_WARMUP = 8  # steps drafted before plain decoding's rate is first sampled
 GATE_PLAIN_STEPS = 3  # steps per sample of plain decoding's rate
-# Steps after a drafting step that are still charged to drafting: a forward of several rows
-# slows the next forwards (seen on an Intel Xeon: a 1-row forward right after a 4-row one
-# took 0.3 ms more, recovering over some four forwards, as much again as the rows themselves
-# added), a cost of drafting that a plain step must not be measured with.
+# Steps after a drafting step that are still charged to drafting: on some CPUs a forward of
+# several rows slows the next few (docs/results/intel_xeon), a cost of drafting that a plain
+# step must not be measured with.
 GATE_SETTLE = 4
 GATE_REMEASURE = 64  # steps between samples
 GATE_PROBE = 4  # drafting steps measured before drafting is judged again
